@@ -1,0 +1,1 @@
+"""The channelbus broker: protocol (pure), routing state (pure) and the ZeroMQ server."""

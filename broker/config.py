@@ -1,0 +1,102 @@
+"""Every broker setting in one dataclass; the CLI, a TOML file and env vars fill it.
+
+Precedence, highest first: command-line flag, ``CHANNELBUS_*`` environment variable, the TOML
+file given with ``--config``, the defaults below. ``docs/configuration.md`` lists them all.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, fields
+
+from .routing import Limits
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+DEFAULT_PUB_BIND = "tcp://127.0.0.1:5556"
+
+_SIZE_RE = re.compile(r"\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*\Z", re.IGNORECASE)
+_UNITS = {
+    None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024,
+    "m": 1024**2, "mb": 1000**2, "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+}
+
+
+class ConfigError(ValueError):
+    """A setting has a value the broker cannot use; the message says which and why."""
+
+
+def parse_size(value: object) -> int:
+    """``1048576``, ``"1MiB"``, ``"512k"`` -> bytes. Raise ConfigError for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        match = _SIZE_RE.match(str(value))
+        if not match:
+            raise ConfigError(f"{value!r} is not a size: use bytes or a unit such as 512KiB or 1MiB")
+        number = int(match.group(1)) * _UNITS[match.group(2) and match.group(2).lower()]
+    if number < 1:
+        raise ConfigError(f"size must be at least 1 byte, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    bind: str = DEFAULT_BIND
+    pub_bind: str = DEFAULT_PUB_BIND
+    advertise: str | None = None
+    max_capacity: int = 100_000
+    max_expiry: float = 86400.0
+    max_group_expiry: float = 7 * 86400.0
+    max_message_size: int = 1024 * 1024
+    max_bad_frames: int = 100
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("bind", "pub_bind"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or "://" not in value:
+                raise ConfigError(f"{name} must be a ZeroMQ endpoint such as tcp://127.0.0.1:5555, got {value!r}")
+        for name in ("max_capacity", "max_message_size", "max_bad_frames"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
+        for name in ("max_expiry", "max_group_expiry"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or value <= 0:
+                raise ConfigError(f"{name} must be a number of seconds above 0, got {value!r}")
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_message_size=self.max_message_size, max_capacity=self.max_capacity,
+            max_expiry=float(self.max_expiry), max_group_expiry=float(self.max_group_expiry),
+            max_bad_frames=self.max_bad_frames,
+        )
+
+
+SETTINGS = tuple(f.name for f in fields(BrokerConfig))
+
+
+def load_toml(path: str) -> dict:
+    """Read a TOML config file into a dict of BrokerConfig field names (dashes allowed in keys).
+
+    The settings may sit at the top level or under a ``[broker]`` table. Unknown keys are an
+    error, so a typo never goes unnoticed.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if isinstance(data.get("broker"), dict):
+        data = data["broker"]
+    settings = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in SETTINGS:
+            known = ", ".join(s.replace("_", "-") for s in SETTINGS)
+            raise ConfigError(f"config file {path}: unknown setting {key!r}; known settings: {known}")
+        settings[name] = value
+    return settings

@@ -1,0 +1,35 @@
+"""Error codes of the wire protocol.
+
+Every ERROR reply carries one of these codes, a human-readable message and, where it applies,
+fields that say what the limit was (``limit``, ``size``, ``name``, ``capacity``, ``channel``).
+"""
+
+from __future__ import annotations
+
+ERROR_CODES = {
+    "bad-frame": "the frames do not form a message of this protocol",
+    "bad-version": "the protocol version byte is not one this broker speaks",
+    "unknown-verb": "the verb is not one this broker knows",
+    "bad-header": "the header is not a msgpack map with the fields the verb needs",
+    "bad-name": "a channel or group name breaks the naming rules",
+    "bad-value": "a field has a value outside its allowed range",
+    "limit": "a setting exceeds a ceiling the broker's operator set",
+    "too-large": "the message body exceeds the broker's maximum message size",
+    "bad-body": "the message body is not a msgpack map with a str 'type'",
+    "full": "the channel already holds its capacity of messages",
+    "not-member": "the channel is not (or no longer) a member of the group",
+    "no-hello": "the first request of a connection must be HELLO",
+    "id-taken": "another live client already uses this client id",
+    "banned": "the peer sent too many bad frames and is ignored for a while",
+}
+
+
+class ProtocolError(Exception):
+    """A request the broker refuses: ``code`` (see ERROR_CODES), a message and fields."""
+
+    def __init__(self, code: str, message: str, **fields: object) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fields = fields

@@ -1,0 +1,163 @@
+"""The broker process: the only module in broker/ that touches sockets.
+
+One thread runs ``BrokerServer.serve()``: it polls the ROUTER (commands in, replies and channel
+messages out) and the XPUB (group topics out), feeds each message to ``routing.Router`` with the
+monotonic clock, sends what it returns with NOBLOCK, and calls ``Router.tick`` every
+``TICK_SECONDS``. A MSG the socket cannot take now goes back to its inbox; one for a vanished
+peer (ROUTER_MANDATORY makes that an error, not silence) makes the broker forget that peer.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from urllib.parse import urlsplit
+
+import zmq
+
+from .config import BrokerConfig
+from .routing import Router
+
+log = logging.getLogger("channelbus.broker")
+
+TICK_SECONDS = 0.1
+BATCH = 256  # messages read per socket per poll, so one busy client cannot starve the timer
+SNDHWM = 100_000
+
+
+class BindError(Exception):
+    """An endpoint could not be bound (in use, malformed, no such address)."""
+
+
+def _wildcard_host(endpoint: str) -> bool:
+    host = urlsplit(endpoint).hostname or ""
+    return host in ("", "*", "0.0.0.0", "::")
+
+
+class BrokerServer:
+    """A broker bound to ``config.bind`` and ``config.pub_bind``.
+
+    ``bind()`` opens the sockets (raising BindError with a one-line reason); ``serve()`` runs
+    until ``stop()``; ``close()`` releases the sockets. ``endpoint`` and ``pub_endpoint`` give the
+    endpoints actually bound (useful with port ``*``).
+    """
+
+    def __init__(self, config: BrokerConfig = BrokerConfig(), context: zmq.Context | None = None):
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.endpoint = ""
+        self.pub_endpoint = ""
+        self.router: Router | None = None
+        self._stop = threading.Event()
+        self._sockets: list[zmq.Socket] = []
+
+    def bind(self) -> "BrokerServer":
+        self._commands = self._socket(zmq.ROUTER, self.config.bind)
+        self._commands.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._commands.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._publisher = self._socket(zmq.XPUB, self.config.pub_bind)
+        self.endpoint = self._commands.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pub_endpoint = self._publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+        advertised = self.config.advertise or self.pub_endpoint
+        self.router = Router(self.config.limits(), advertised)
+        if not self.config.advertise and _wildcard_host(self.pub_endpoint):
+            log.info("publisher bound to all interfaces: clients dial it on the host they used")
+        return self
+
+    def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        sock.setsockopt(zmq.RCVHWM, SNDHWM)
+        self._sockets.append(sock)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise BindError(f"cannot bind {endpoint}: address already in use") from None
+            raise BindError(f"cannot bind {endpoint}: {exc.strerror}") from None
+        return sock
+
+    def serve(self) -> None:
+        """Route messages until ``stop()`` is called, then close the sockets."""
+        if self.router is None:
+            self.bind()
+        log.info("channelbus broker listening on %s, publishing on %s", self.endpoint, self.pub_endpoint)
+        poller = zmq.Poller()
+        poller.register(self._commands, zmq.POLLIN)
+        poller.register(self._publisher, zmq.POLLIN)
+        next_tick = time.monotonic() + TICK_SECONDS
+        try:
+            while not self._stop.is_set():
+                timeout = max(0.0, next_tick - time.monotonic())
+                ready = dict(poller.poll(timeout * 1000))
+                if self._commands in ready:
+                    self._read_commands()
+                if self._publisher in ready:
+                    self._drain_subscriptions()
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._send(self.router.tick(now), now)
+                    next_tick = now + TICK_SECONDS
+        finally:
+            self.close()
+            log.info("channelbus broker stopped")
+
+    def stop(self) -> None:
+        """Ask ``serve()`` to return (safe from any thread or a signal handler)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._sockets.clear()
+
+    def _read_commands(self) -> None:
+        router, sock = self.router, self._commands
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            self._send(router.handle(frames[0], frames[1:], now), now)
+
+    def _drain_subscriptions(self) -> None:
+        # Subscriptions need no action (clients confirm them with markers), but XPUB queues
+        # them until read.
+        for _ in range(BATCH):
+            try:
+                self._publisher.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def _send(self, outs, now: float) -> None:
+        for dest, frames, push in outs:
+            if dest is None:
+                self._publisher.send_multipart(frames, zmq.NOBLOCK)
+                continue
+            try:
+                self._commands.send_multipart([dest, *frames], zmq.NOBLOCK)
+            except zmq.Again:
+                if push is not None:
+                    self.router.unsent(dest, push, now, gone=False)
+                else:
+                    log.warning("reply to %r dropped: its queue is full", dest)
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EHOSTUNREACH:
+                    raise
+                if push is not None:
+                    self.router.unsent(dest, push, now, gone=True)
+                else:
+                    self.router.peer_gone(dest)
+
+
+def start_in_thread(config: BrokerConfig, context: zmq.Context | None = None) -> tuple[BrokerServer, threading.Thread]:
+    """Bind a broker and serve it from a daemon thread; for tests and embedding."""
+    server = BrokerServer(config, context).bind()
+    thread = threading.Thread(target=server.serve, name="channelbus-broker", daemon=True)
+    thread.start()
+    return server, thread

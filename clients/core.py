@@ -1,0 +1,404 @@
+"""The client's pure half, shared by ``Client`` and ``AsyncClient``: no sockets, no waiting.
+
+Theory of operation
+-------------------
+The shells own two sockets, a DEALER to the broker's ROUTER (its routing id is the client id)
+and a SUB to the broker's publisher, and they feed everything they read to this core:
+``on_dealer(frames, now)`` and ``on_sub(frames, now)``. The core answers with events (a reply
+for request ``rid``, messages arrived on a channel) and queues what must be sent in
+``outgoing`` (ACK and CREDIT notices, GSYNC retries, SUB socket (un)subscriptions), which the
+shell drains after every call.
+
+Local state:
+
+- ``queues``: messages delivered to this process and not yet taken by ``receive``, per channel,
+  as ``(body, deadline, direct)``. Direct messages (pushed by the broker on the ROUTER) are
+  acknowledged once taken or expired, in batches, so the broker's count of what a channel holds
+  stays right; group messages for process-specific channels arrive on the topic and are bounded
+  here by capacity.
+- ``members``: which of this process's own channels belong to which group, and until when. A
+  membership becomes active when the broker's ``add`` marker for it arrives on the topic: then
+  the subscription is live, and every later group message is seen after it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import secrets
+from collections import deque
+from typing import Any
+
+import msgpack
+
+from broker.protocol import wire
+from broker.protocol.errors import ProtocolError
+from broker.protocol.names import (
+    CONTROL_TOPIC, check_channel, check_group, group_topic, owner_of,
+)
+
+from .errors import (
+    BusError, InvalidName, LimitExceeded, MessageTooLarge, from_reply,
+)
+
+ACK_BATCH = 16
+RECEIVE_WINDOW = 64
+SYNC_RETRY = 0.05  # first GSYNC retry after this many seconds, doubling up to SYNC_RETRY_MAX
+SYNC_RETRY_MAX = 1.0
+
+
+def pack_message(message: Any) -> bytes:
+    """Serialise a message dict; raise TypeError/ValueError for what the spec forbids."""
+    if not isinstance(message, dict):
+        raise TypeError(f"message must be a dict, got {type(message).__name__}")
+    if not isinstance(message.get("type"), str):
+        raise ValueError("message must have a 'type' key with a str value, e.g. {'type': 'chat.message'}")
+    try:
+        return msgpack.packb(message, use_bin_type=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"message cannot be serialised with msgpack: {exc}") from None
+
+
+def unpack_message(body: bytes) -> dict:
+    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+def compile_capacities(channel_capacity) -> tuple[tuple[re.Pattern, int], ...]:
+    """channels_redis style ``{pattern: capacity}``: a pattern is a glob str or a compiled regex."""
+    result = []
+    for pattern, capacity in dict(channel_capacity or {}).items():
+        if isinstance(pattern, str):
+            pattern = re.compile(fnmatch.translate(pattern))
+        elif not isinstance(pattern, re.Pattern):
+            raise TypeError(f"channel_capacity keys must be glob strings or compiled regexes, got {pattern!r}")
+        if type(capacity) is not int or capacity < 1:
+            raise ValueError(f"channel_capacity values must be ints >= 1, got {capacity!r}")
+        result.append((pattern, capacity))
+    return tuple(result)
+
+
+def bad_name(err: ProtocolError) -> InvalidName:
+    return InvalidName(err.message, name=err.fields.get("name", ""))
+
+
+class ClientCore:
+    def __init__(
+        self, *, capacity: int = 100, expiry: float = 60, group_expiry: float = 86400,
+        channel_capacity=None, receive_window: int = RECEIVE_WINDOW, client_id: str | None = None,
+    ) -> None:
+        if type(capacity) is not int or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        for name, value in (("expiry", expiry), ("group_expiry", group_expiry)):
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a number of seconds above 0, got {value!r}")
+        self.capacity = capacity
+        self.expiry = float(expiry)
+        self.group_expiry = float(group_expiry)
+        self.channel_capacity = compile_capacities(channel_capacity)
+        self.receive_window = receive_window
+        self.client_id = client_id or secrets.token_hex(6)
+        self.limits: dict = {}
+        self.pub_endpoint = ""
+        self._next_id = 0
+        self.queues: dict[str, deque] = {}
+        self.credited: set[str] = set()
+        self.pending_acks: dict[str, int] = {}
+        self.members: dict[str, dict[str, float]] = {}
+        self.awaiting: dict[tuple[str, str], float] = {}  # (group, channel) -> next GSYNC time
+        self.retry: dict[tuple[str, str], float] = {}
+        self.subscribed: set[str] = set()
+        self.ignored: set[int] = set()  # ids of requests nobody waits on (GSYNC retries)
+        self.outgoing: list[tuple[str, Any]] = []
+        self.skipped = 0  # group messages dropped because a local channel was full
+
+    # -- settings -------------------------------------------------------------------------
+
+    def capacity_for(self, channel: str) -> int:
+        for pattern, capacity in self.channel_capacity:
+            if pattern.match(channel):
+                return capacity
+        return self.capacity
+
+    def check_limits(self) -> None:
+        """Raise LimitExceeded if a setting is above the broker's ceiling (after HELLO)."""
+        ceilings = (
+            ("capacity", max([self.capacity, *(c for _, c in self.channel_capacity)]), "max_capacity"),
+            ("expiry", self.expiry, "max_expiry"),
+            ("group_expiry", self.group_expiry, "max_group_expiry"),
+        )
+        for name, value, key in ceilings:
+            limit = self.limits.get(key)
+            if limit is not None and value > limit:
+                raise LimitExceeded(
+                    f"{name} {value:g} exceeds the broker's {key.replace('_', '-')} {limit:g}",
+                    name=name, limit=limit,
+                )
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _rid(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _build(self, cls, **fields) -> tuple[int, list[bytes]]:
+        rid = self._rid()
+        try:
+            return rid, cls(id=rid, **fields).frames()
+        except ProtocolError as err:
+            raise bad_name(err) if err.code == "bad-name" else BusError(err.message) from None
+
+    def hello(self) -> tuple[int, list[bytes]]:
+        return self._build(wire.Hello, client=self.client_id)
+
+    def on_hello(self, header: dict) -> None:
+        self.limits = header
+        self.pub_endpoint = header.get("pub", "")
+        self.check_limits()
+
+    def send(self, channel: str, message: dict) -> tuple[int, list[bytes]]:
+        body = self._body(message)
+        return self._build(
+            wire.Send, channel=channel, capacity=self.capacity_for(channel), expiry=self.expiry,
+            body=body,
+        )
+
+    def group_send(self, group: str, message: dict) -> tuple[int, list[bytes]]:
+        body = self._body(message)
+        patterns = tuple((p.pattern, c) for p, c in self.channel_capacity)
+        return self._build(
+            wire.GroupSend, group=group, capacity=self.capacity, expiry=self.expiry,
+            channel_capacity=patterns, body=body,
+        )
+
+    def _body(self, message: dict) -> bytes:
+        body = pack_message(message)
+        limit = self.limits.get("max_message_size")
+        if limit is not None and len(body) > limit:
+            raise MessageTooLarge(
+                f"message is {len(body)} bytes serialised; the broker's max-message-size is {limit} bytes",
+                size=len(body), limit=limit,
+            )
+        return body
+
+    def group_add(self, group: str, channel: str) -> tuple[int, list[bytes]]:
+        """GADD; for an own channel also subscribe and start waiting for the ``add`` marker
+        (the shell sends the subscription first, then the frames)."""
+        rid, frames = self._build(wire.GroupAdd, group=group, channel=channel, group_expiry=self.group_expiry)
+        if self.owns(channel):
+            self._subscribe(group)
+            self.awaiting[(group, channel)] = float("inf")  # no GSYNC before GADD is answered
+            self.retry[(group, channel)] = SYNC_RETRY
+        return rid, frames
+
+    def expect_marker(self, group: str, channel: str, now: float) -> None:
+        """GADD succeeded: retry GSYNC from now on while the marker has not come."""
+        if (group, channel) in self.awaiting:
+            self.awaiting[(group, channel)] = now + SYNC_RETRY
+
+    def abandon(self, group: str, channel: str) -> None:
+        """GADD failed: stop waiting and drop the subscription if nothing else needs it."""
+        self._leave(group, channel)
+
+    def marker_pending(self, group: str, channel: str) -> bool:
+        return (group, channel) in self.awaiting
+
+    def group_discard(self, group: str, channel: str) -> tuple[int, list[bytes]]:
+        rid, frames = self._build(wire.GroupDiscard, group=group, channel=channel)
+        self._leave(group, channel)
+        return rid, frames
+
+    def flush(self) -> tuple[int, list[bytes]]:
+        return self._build(wire.Flush)
+
+    def ping(self) -> tuple[int, list[bytes]]:
+        return self._build(wire.Ping)
+
+    def new_channel(self, prefix: str = "specific") -> str:
+        name = f"{prefix}.{self.client_id}!{secrets.token_hex(6)}"
+        try:
+            return check_channel(name)
+        except ProtocolError as err:
+            raise bad_name(err) from None
+
+    def owns(self, channel: str) -> bool:
+        return owner_of(channel) == self.client_id
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def start_receiving(self, channel: str) -> None:
+        """Check the name; grant the broker credit for a normal channel the first time."""
+        try:
+            check_channel(channel)
+        except ProtocolError as err:
+            raise bad_name(err) from None
+        owner = owner_of(channel)
+        if owner is not None:
+            if owner != self.client_id:
+                raise InvalidName(
+                    f"{channel!r} is process-specific and belongs to client {owner!r}; only that"
+                    f" client can receive from it (this is {self.client_id!r})", name=channel,
+                )
+        elif channel not in self.credited:
+            self.credited.add(channel)
+            self.outgoing.append(("dealer", wire.Credit(channel, self.receive_window).frames()))
+
+    def pop(self, channel: str, now: float) -> dict | None:
+        """Take the next live message of ``channel``, or None. Acks what it takes or drops."""
+        queue = self.queues.get(channel)
+        message = None
+        while queue:
+            body, deadline, direct = queue.popleft()
+            if direct:
+                self.pending_acks[channel] = self.pending_acks.get(channel, 0) + 1
+            if deadline > now:
+                message = unpack_message(body)
+                break
+        if queue is not None and not queue:
+            del self.queues[channel]
+        if self.pending_acks.get(channel, 0) >= ACK_BATCH or (channel in self.pending_acks and not queue):
+            self._flush_acks()
+        return message
+
+    def _flush_acks(self) -> None:
+        acks, self.pending_acks = self.pending_acks, {}
+        self.outgoing.append(("dealer", wire.Ack(tuple(acks.items())).frames()))
+
+    # -- input ----------------------------------------------------------------------------
+
+    def on_dealer(self, frames: list[bytes], now: float) -> list[tuple]:
+        """Digest one message from the broker: returns [("reply", rid, header|BusError)] or
+        [("arrived", channel)], or [] for a notice handled here."""
+        verb = frames[0]
+        header = wire.unpack_header(frames[1])
+        if verb == wire.MSG:
+            channel = header["ch"]
+            queue = self.queues.setdefault(channel, deque())
+            for body, ttl in zip(frames[2:], header["ttl"]):
+                queue.append((body, now + ttl / 1000.0, True))
+            return [("arrived", channel)]
+        if verb == wire.JOIN:
+            group, channel = header["g"], header["ch"]
+            if self.owns(channel):
+                self._subscribe(group)
+                self.awaiting[(group, channel)] = now + SYNC_RETRY
+                self.retry[(group, channel)] = SYNC_RETRY
+            return []
+        rid = header.get("id")
+        if verb == wire.OK:
+            result = header
+        else:
+            result = from_reply(header)
+            if rid in self.ignored and isinstance(result, BusError):
+                for key in [k for k in self.awaiting if k[1] == header.get("name")]:
+                    self._leave(*key)  # the membership GSYNC asked about is gone
+        if rid in self.ignored:
+            self.ignored.discard(rid)
+            return []
+        return [("reply", rid, result)]
+
+    def on_sub(self, frames: list[bytes], now: float) -> list[tuple]:
+        """Digest one published message: group data, membership markers or flush."""
+        if len(frames) < 2:
+            return []
+        topic, header = frames[0], wire.unpack_header(frames[1])
+        op = header.get("op")
+        if topic == CONTROL_TOPIC:
+            return self._on_flush() if op == "flush" else []
+        group = topic[:-1].decode("ascii")
+        if op == "msg":
+            return self._on_group_message(group, header, frames[2], now)
+        channel = header.get("ch", "")
+        if op == "add" and self.owns(channel):
+            self.awaiting.pop((group, channel), None)
+            self.retry.pop((group, channel), None)
+            self.members.setdefault(group, {})[channel] = now + float(header["ttl"])
+            return [("marker", group, channel)]
+        if op == "discard" and self.owns(channel):
+            self._leave(group, channel)
+        return []
+
+    def _on_group_message(self, group: str, header: dict, body: bytes, now: float) -> list[tuple]:
+        members = self.members.get(group)
+        if not members:
+            return []
+        deadline = now + header["ttl"] / 1000.0
+        patterns = header.get("ccap") or ()
+        arrived = []
+        for channel, until in list(members.items()):
+            if until <= now:
+                self._leave(group, channel)
+                continue
+            capacity = header.get("cap", self.capacity)
+            for source, cap in patterns:
+                if re.match(source, channel):
+                    capacity = cap
+                    break
+            queue = self.queues.setdefault(channel, deque())
+            if len(queue) >= capacity:
+                self.skipped += 1
+                continue
+            queue.append((body, deadline, False))
+            arrived.append(("arrived", channel))
+        return arrived
+
+    def _on_flush(self) -> list[tuple]:
+        for channel, queue in self.queues.items():
+            direct = sum(1 for item in queue if item[2])
+            if direct:
+                self.pending_acks[channel] = self.pending_acks.get(channel, 0) + direct
+        self.queues.clear()
+        if self.pending_acks:
+            self._flush_acks()
+        for group in list(self.members):
+            for channel in list(self.members[group]):
+                self._leave(group, channel)
+        return []
+
+    # -- membership and subscriptions -----------------------------------------------------
+
+    def _subscribe(self, group: str) -> None:
+        if group not in self.subscribed:
+            self.subscribed.add(group)
+            self.outgoing.append(("sub", group_topic(group)))
+
+    def _leave(self, group: str, channel: str) -> None:
+        members = self.members.get(group)
+        if members is not None:
+            members.pop(channel, None)
+            if not members:
+                del self.members[group]
+        self.awaiting.pop((group, channel), None)
+        self.retry.pop((group, channel), None)
+        still_wanted = group in self.members or any(g == group for g, _ in self.awaiting)
+        if group in self.subscribed and not still_wanted:
+            self.subscribed.discard(group)
+            self.outgoing.append(("unsub", group_topic(group)))
+
+    def due_syncs(self, now: float) -> float | None:
+        """Queue GSYNC for markers overdue at ``now``; return when the next one falls due."""
+        for key, due in list(self.awaiting.items()):
+            if due <= now:
+                rid, frames = self._build(wire.GroupSync, group=key[0], channel=key[1])
+                self.ignored.add(rid)
+                self.outgoing.append(("dealer", frames))
+                delay = self.retry[key] = min(SYNC_RETRY_MAX, self.retry[key] * 2)
+                self.awaiting[key] = now + delay
+        return min(self.awaiting.values(), default=None)
+
+    def bye(self) -> list[bytes]:
+        return wire.Bye().frames()
+
+    def take_outgoing(self) -> list[tuple[str, Any]]:
+        out, self.outgoing = self.outgoing, []
+        return out
+
+
+def publisher_url(advertised: str, dialled: str) -> str:
+    """The publisher endpoint to dial: the broker's advertised one, with a wildcard host
+    (``*``, ``0.0.0.0``, ``::``) replaced by the host this client dialled for commands."""
+    scheme, _, rest = advertised.partition("://")
+    host, _, port = rest.rpartition(":")
+    if host.strip("[]") in ("*", "0.0.0.0", "::", ""):
+        dialled_host = dialled.partition("://")[2].rpartition(":")[0]
+        return f"{scheme}://{dialled_host}:{port}"
+    return advertised
