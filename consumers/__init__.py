@@ -1,0 +1,1 @@
+"""Consumers (dispatch by message type), their runner and the channelbus CLI."""
