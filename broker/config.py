@@ -6,6 +6,7 @@ file given with ``--config``, the defaults below. ``docs/configuration.md`` list
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, fields
@@ -14,6 +15,7 @@ from .routing import Limits
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_PUB_BIND = "tcp://127.0.0.1:5556"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _SIZE_RE = re.compile(r"\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*\Z", re.IGNORECASE)
 _UNITS = {
@@ -42,6 +44,8 @@ def parse_size(value: object) -> int:
 
 @dataclass(frozen=True)
 class BrokerConfig:
+    """The broker's settings, checked when built: a bad value raises ConfigError."""
+
     bind: str = DEFAULT_BIND
     pub_bind: str = DEFAULT_PUB_BIND
     advertise: str | None = None
@@ -63,8 +67,10 @@ class BrokerConfig:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
         for name in ("max_expiry", "max_group_expiry"):
             value = getattr(self, name)
-            if type(value) not in (int, float) or value <= 0:
-                raise ConfigError(f"{name} must be a number of seconds above 0, got {value!r}")
+            if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a finite number of seconds above 0, got {value!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
     def limits(self) -> Limits:
         return Limits(
@@ -80,8 +86,10 @@ SETTINGS = tuple(f.name for f in fields(BrokerConfig))
 def load_toml(path: str) -> dict:
     """Read a TOML config file into a dict of BrokerConfig field names (dashes allowed in keys).
 
-    The settings may sit at the top level or under a ``[broker]`` table. Unknown keys are an
-    error, so a typo never goes unnoticed.
+    The settings may sit at the top level, under a ``[broker]`` table, or both. Raise
+    ConfigError if the file cannot be read or parsed, has an unknown key or table (so a typo
+    never goes unnoticed) or sets one setting twice. Values are returned as written; the caller
+    checks them.
     """
     try:
         with open(path, "rb") as handle:
@@ -90,13 +98,17 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    if isinstance(data.get("broker"), dict):
-        data = data["broker"]
-    settings = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in SETTINGS:
-            known = ", ".join(s.replace("_", "-") for s in SETTINGS)
-            raise ConfigError(f"config file {path}: unknown setting {key!r}; known settings: {known}")
-        settings[name] = value
+    section = data.pop("broker", None) if isinstance(data.get("broker"), dict) else None
+    settings: dict = {}
+    for table, items in (("", data), ("[broker] ", section or {})):
+        for key, value in items.items():
+            name = key.replace("-", "_")
+            if name not in SETTINGS:
+                known = ", ".join(s.replace("_", "-") for s in SETTINGS)
+                raise ConfigError(
+                    f"config file {path}: unknown {table}setting {key!r}; known settings: {known}"
+                )
+            if name in settings:
+                raise ConfigError(f"config file {path}: {key!r} is set twice (top level and [broker])")
+            settings[name] = value
     return settings

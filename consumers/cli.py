@@ -8,28 +8,41 @@ built-in default.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 
 import click
 
-from broker.config import DEFAULT_BIND, DEFAULT_PUB_BIND, ConfigError, load_toml, parse_size
+from broker.config import (
+    DEFAULT_BIND, DEFAULT_PUB_BIND, LOG_LEVELS, BrokerConfig, ConfigError, load_toml, parse_size,
+)
 
 
 class Endpoint(click.ParamType):
-    """A ZeroMQ endpoint to bind: tcp://HOST:PORT (PORT may be * for any), ipc://PATH."""
+    """A ZeroMQ endpoint another process can reach: tcp://HOST:PORT or ipc://PATH.
+
+    With ``any_port`` (endpoints to bind) the port may be ``*``: the OS picks a free one.
+    """
 
     name = "endpoint"
+
+    def __init__(self, any_port: bool = True) -> None:
+        self.any_port = any_port
 
     def convert(self, value, param, ctx):
         value = str(value)
         scheme, sep, rest = value.partition("://")
-        if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
-            self.fail(f"{value!r} is not an endpoint; use tcp://HOST:PORT such as {DEFAULT_BIND}", param, ctx)
+        if not sep or scheme not in ("tcp", "ipc") or not rest:
+            self.fail(f"{value!r} is not an endpoint; use tcp://HOST:PORT such as {DEFAULT_BIND},"
+                      " or ipc://PATH", param, ctx)
         if scheme == "tcp":
             host, colon, port = rest.rpartition(":")
-            if not colon or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
-                self.fail(f"{value!r} needs a host and a port from 1 to 65535 (or *), as in tcp://127.0.0.1:5555", param, ctx)
+            star = self.any_port and port == "*"
+            if not colon or not host or not (star or (port.isdigit() and 0 < int(port) < 65536)):
+                ports = "from 1 to 65535 (or *)" if self.any_port else "from 1 to 65535"
+                self.fail(f"{value!r} needs a host and a port {ports}, as in tcp://127.0.0.1:5555",
+                          param, ctx)
         return value
 
 
@@ -45,20 +58,66 @@ class Size(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class Count(click.IntRange):
+    """A whole number of at least 1; refuses 1.5 and true (from a TOML file) instead of rounding."""
+
+    def __init__(self) -> None:
+        super().__init__(min=1)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (bool, float)):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds above 0."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return number
+
+
 ENDPOINT = Endpoint()
+CONNECT_ENDPOINT = Endpoint(any_port=False)
 SIZE = Size()
-SECONDS = click.FloatRange(min=0, min_open=True)
-COUNT = click.IntRange(min=1)
+SECONDS = Seconds()
+COUNT = Count()
 
 
 def _read_config(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
+    """Load the TOML file into the command's default_map, each value checked by its option's type."""
     if path is None:
         return
     try:
         settings = load_toml(path)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    options = {p.name: p for p in ctx.command.params}
+    for name, value in settings.items():
+        option = options[name]
+        try:
+            settings[name] = option.type_cast_value(ctx, value)
+        except click.BadParameter as exc:
+            raise click.BadParameter(
+                f"config file {path}: {name.replace('_', '-')}: {exc.message}", ctx=ctx, param=param,
+            ) from None
     ctx.default_map = {**(ctx.default_map or {}), **settings}
+
+
+def build_config(options: dict) -> BrokerConfig:
+    """The BrokerConfig for the ``broker`` command's parsed options; UsageError if it is refused."""
+    try:
+        return BrokerConfig(**{**options, "log_level": options["log_level"].upper()})
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,53 +128,63 @@ def main() -> None:
 
 @main.command()
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
-              callback=_read_config, envvar="CHANNELBUS_CONFIG",
+              callback=_read_config, envvar="CHANNELBUS_CONFIG", show_envvar=True,
               help="TOML file with settings (keys as the long options, e.g. max-capacity = 500),"
                    " at the top level or under [broker]. Flags and env vars override it.")
-@click.option("--bind", type=ENDPOINT, default=DEFAULT_BIND, show_default=True, envvar="CHANNELBUS_BIND",
+@click.option("--bind", type=ENDPOINT, default=DEFAULT_BIND, show_default=True,
+              envvar="CHANNELBUS_BIND", show_envvar=True,
               help="Endpoint for client commands and channel messages (ROUTER).")
 @click.option("--pub-bind", type=ENDPOINT, default=DEFAULT_PUB_BIND, show_default=True,
-              envvar="CHANNELBUS_PUB_BIND", help="Endpoint for group messages (XPUB).")
-@click.option("--advertise", metavar="ENDPOINT", default=None, envvar="CHANNELBUS_ADVERTISE",
+              envvar="CHANNELBUS_PUB_BIND", show_envvar=True,
+              help="Endpoint for group messages (XPUB).")
+@click.option("--advertise", type=CONNECT_ENDPOINT, default=None,
+              envvar="CHANNELBUS_ADVERTISE", show_envvar=True,
               help="Publisher endpoint to tell clients (default: the bound one; a wildcard host"
                    " becomes the host each client dialled).")
 @click.option("--max-capacity", type=COUNT, default=100_000, show_default=True,
-              envvar="CHANNELBUS_MAX_CAPACITY", help="Largest channel capacity a client may ask for.")
+              envvar="CHANNELBUS_MAX_CAPACITY", show_envvar=True,
+              help="Largest channel capacity a client may ask for.")
 @click.option("--max-expiry", type=SECONDS, default=86400.0, show_default=True,
-              envvar="CHANNELBUS_MAX_EXPIRY", help="Longest message expiry a client may ask for, in seconds.")
+              envvar="CHANNELBUS_MAX_EXPIRY", show_envvar=True,
+              help="Longest message expiry a client may ask for, in seconds.")
 @click.option("--max-group-expiry", type=SECONDS, default=7 * 86400.0, show_default=True,
-              envvar="CHANNELBUS_MAX_GROUP_EXPIRY",
+              envvar="CHANNELBUS_MAX_GROUP_EXPIRY", show_envvar=True,
               help="Longest group membership expiry a client may ask for, in seconds.")
 @click.option("--max-message-size", type=SIZE, default="1MiB", show_default=True,
-              envvar="CHANNELBUS_MAX_MESSAGE_SIZE",
+              envvar="CHANNELBUS_MAX_MESSAGE_SIZE", show_envvar=True,
               help="Largest serialised message accepted, in bytes or with a unit (512KiB, 1MiB).")
 @click.option("--max-bad-frames", type=COUNT, default=100, show_default=True,
-              envvar="CHANNELBUS_MAX_BAD_FRAMES",
+              envvar="CHANNELBUS_MAX_BAD_FRAMES", show_envvar=True,
               help="Bad messages a peer may send before it is ignored for 10 s.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              default="INFO", show_default=True, envvar="CHANNELBUS_LOG_LEVEL", help="Logging threshold.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
+              show_default=True, envvar="CHANNELBUS_LOG_LEVEL", show_envvar=True,
+              help="Logging threshold.")
 def broker(**options) -> None:
     """Run a broker until SIGINT or SIGTERM (then exit 0)."""
-    from broker.config import BrokerConfig
+    run_broker(build_config(options))
+
+
+def run_broker(config: BrokerConfig) -> None:
+    """Bind and run a broker for ``config`` in this process until SIGINT or SIGTERM.
+
+    Prints the bound endpoints on stdout once listening; exits with status 2 and a one-line
+    error if an endpoint cannot be bound.
+    """
     from broker.server import BindError, BrokerServer
 
-    options["log_level"] = options["log_level"].upper()
     logging.basicConfig(
-        level=options["log_level"], stream=sys.stderr,
+        level=config.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        config = BrokerConfig(**options)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
     server = BrokerServer(config)
+    # Installed before binding, so a signal that comes early still ends the process cleanly.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.stop())
     try:
         server.bind()
     except BindError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: server.stop())
     if not _is_loopback(server.endpoint):
         logging.getLogger("channelbus.broker").warning(
             "bound to %s without authentication: anyone who can reach it can use this broker",
