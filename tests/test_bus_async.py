@@ -1,0 +1,92 @@
+"""AsyncClient against a real broker: cancelled receives lose nothing, concurrent receives."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import bus_workers as w
+from clients import AsyncClient, ReceiveTimeout
+
+
+async def settle() -> None:
+    """Let pending tasks run up to their next real wait (no timers involved)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["normal", "specific"])
+def test_cancelled_receive_loses_nothing(broker, kind):
+    async def main():
+        async with AsyncClient(broker.url) as receiver, AsyncClient(broker.url) as sender:
+            channel = "cancelled" if kind == "normal" else receiver.new_channel()
+            pending = asyncio.create_task(receiver.receive(channel))
+            await settle()
+            assert not pending.done()
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            await sender.send(channel, {"type": "after", "i": 1})
+            assert await receiver.receive(channel, timeout=5) == {"type": "after", "i": 1}
+            with pytest.raises(ReceiveTimeout):
+                await receiver.receive(channel, timeout=0.2)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_receives_cancelled_while_messages_stream_in_lose_and_double_nothing(broker, procs):
+    total = 2_000
+    sender = procs.start(w.send_sequence, broker.url, "stream", total)
+
+    async def main() -> tuple[list, int, dict | None]:
+        got, cancelled = [], 0
+        async with AsyncClient(broker.url) as receiver:
+            while len(got) < total:
+                try:
+                    got.append((await asyncio.wait_for(receiver.receive("stream"), 0.0005))["n"])
+                except asyncio.TimeoutError:  # the receive was cancelled mid-wait
+                    cancelled += 1
+            try:
+                extra = await receiver.receive("stream", timeout=0.3)
+            except ReceiveTimeout:
+                extra = None
+        return got, cancelled, extra
+
+    got, cancelled, extra = asyncio.run(main())
+    sender.result(timeout=30)
+    assert got == list(range(total))
+    assert extra is None
+    assert cancelled > 0, "no receive was ever cancelled: the test proved nothing"
+
+
+@pytest.mark.timeout(30)
+def test_many_concurrent_receives_on_different_channels(broker):
+    async def main():
+        async with AsyncClient(broker.url) as receiver, AsyncClient(broker.url) as sender:
+            channels = [f"fan{i}" for i in range(25)] + [receiver.new_channel() for _ in range(25)]
+            tasks = [asyncio.create_task(receiver.receive(ch, timeout=10)) for ch in channels]
+            await settle()
+            assert not any(task.done() for task in tasks)
+            for ch in reversed(channels):
+                await sender.send(ch, {"type": "fan", "ch": ch})
+            results = await asyncio.gather(*tasks)
+            assert [message["ch"] for message in results] == channels
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_concurrent_receives_on_one_channel_each_get_a_different_message(broker):
+    async def main():
+        async with AsyncClient(broker.url) as receiver, AsyncClient(broker.url) as sender:
+            tasks = [asyncio.create_task(receiver.receive("shared", timeout=10)) for _ in range(20)]
+            await settle()
+            for i in range(20):
+                await sender.send("shared", {"type": "m", "i": i})
+            results = await asyncio.gather(*tasks)
+            assert sorted(message["i"] for message in results) == list(range(20))
+
+    asyncio.run(main())
