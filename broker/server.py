@@ -71,6 +71,7 @@ class BrokerServer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
         sock.setsockopt(zmq.RCVHWM, SNDHWM)
+        sock.setsockopt(zmq.IPV6, 1)  # also accept tcp://[::1]:port; IPv4 works as before
         self._sockets.append(sock)
         try:
             sock.bind(endpoint)

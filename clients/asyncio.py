@@ -79,6 +79,7 @@ class AsyncClient:
         for sock in (self._dealer, self._sub):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.IPV6, 1)
             sock.setsockopt(zmq.SNDHWM, 0)
         self._dealer.setsockopt(zmq.ROUTING_ID, self._core.client_id.encode())
         self._dealer.connect(self.url)

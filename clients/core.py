@@ -397,6 +397,8 @@ def publisher_url(advertised: str, dialled: str) -> str:
     """The publisher endpoint to dial: the broker's advertised one, with a wildcard host
     (``*``, ``0.0.0.0``, ``::``) replaced by the host this client dialled for commands."""
     scheme, _, rest = advertised.partition("://")
+    if scheme != "tcp":
+        return advertised  # ipc:// paths name no host
     host, _, port = rest.rpartition(":")
     if host.strip("[]") in ("*", "0.0.0.0", "::", ""):
         dialled_host = dialled.partition("://")[2].rpartition(":")[0]

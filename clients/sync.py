@@ -39,6 +39,7 @@ class Client:
         for sock in (self._dealer, self._sub):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.IPV6, 1)
         self._dealer.setsockopt(zmq.ROUTING_ID, self._core.client_id.encode())
         self._poller = zmq.Poller()
         self._poller.register(self._dealer, zmq.POLLIN)
