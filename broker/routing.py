@@ -163,11 +163,13 @@ class Router:
             peer.inflight[channel] -= len(items)
             if owner_of(channel) is None:
                 peer.credits[channel] = peer.credits.get(channel, 0) + len(items)
+                if rid not in inbox.ready:  # its credit is back, so it must be offered again
+                    inbox.ready.append(rid)
             if gone:
                 self._forget(peer, drop_specific=False)
             else:
                 peer.blocked_until = now + 0.05
-                self.stalled.add(channel)
+        self.stalled.add(channel)  # retry at the next tick, to this peer or another receiver
         self.stats["delivered"] -= len(items)
 
     def peer_gone(self, rid: bytes) -> None:
@@ -315,7 +317,9 @@ class Router:
                 self.stats["expired"] += len(self.inboxes[name].queue)
                 del self.inboxes[name]
 
-    def _capacity_for(self, name: str, default: int, patterns) -> int:
+    def _compile(self, patterns) -> list[tuple[re.Pattern, int]]:
+        """The channel_capacity pairs with compiled regexes; ``bad-value`` if one is invalid."""
+        compiled = []
         for source, capacity in patterns:
             pattern = self._patterns.get(source)
             if pattern is None:
@@ -328,9 +332,8 @@ class Router:
                 if len(self._patterns) > 1024:
                     self._patterns.clear()
                 self._patterns[source] = pattern
-            if pattern.match(name):
-                return capacity
-        return default
+            compiled.append((pattern, capacity))
+        return compiled
 
     # -- command handlers -------------------------------------------------------------------
 
@@ -369,8 +372,10 @@ class Router:
         return [Out(peer.rid, wire.ok(cmd.id)), *self._pump(cmd.channel, self.inboxes[cmd.channel], now)]
 
     def _group_send(self, peer: Peer, cmd: wire.GroupSend, now: float) -> list[Out]:
-        self._check_settings(cmd.capacity, cmd.expiry)
+        for capacity in (cmd.capacity, *(cap for _, cap in cmd.channel_capacity)):
+            self._check_settings(capacity, cmd.expiry)
         self._check_body(cmd.body)
+        patterns = self._compile(cmd.channel_capacity)  # all of them before any member is served
         self.stats["group_sends"] += 1
         out: list[Out] = []
         queued = skipped = 0
@@ -379,7 +384,7 @@ class Router:
             if owner_of(name) is not None:
                 specific = True
                 continue
-            capacity = self._capacity_for(name, cmd.capacity, cmd.channel_capacity)
+            capacity = next((cap for pattern, cap in patterns if pattern.match(name)), cmd.capacity)
             if self._enqueue(name, cmd.body, capacity, now + cmd.expiry, now):
                 queued += 1
                 out += self._pump(name, self.inboxes[name], now)

@@ -46,6 +46,8 @@ def unpack_header(frame: bytes) -> dict:
         raise ProtocolError("bad-header", f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad-header", f"header must be a msgpack map, got {type(header).__name__}")
+    if any(type(key) is not str for key in header):
+        raise ProtocolError("bad-header", "header keys must all be str")
     return header
 
 
@@ -56,6 +58,14 @@ def verb_frame(verb: str) -> bytes:
 def body_is_map(body: bytes) -> bool:
     """True when a msgpack document starts with a map (fixmap, map16 or map32)."""
     return bool(body) and (0x80 <= body[0] <= 0x8F or body[0] in (0xDE, 0xDF))
+
+
+def _field(header: dict, key: str) -> object:
+    """A required field's value; a missing (or nil) field is a ``bad-header``."""
+    value = header.get(key)
+    if value is None:
+        raise ProtocolError("bad-header", f"the header needs field {key!r}", name=key)
+    return value
 
 
 def _int(header: dict, key: str, *, low: int = 0, default: int | None = None) -> int:
@@ -70,7 +80,7 @@ def _int(header: dict, key: str, *, low: int = 0, default: int | None = None) ->
 
 
 def _number(header: dict, key: str) -> float:
-    value = header.get(key)
+    value = _field(header, key)
     if type(value) not in (int, float) or not 0 < value <= 10**9:
         raise ProtocolError(
             "bad-value", f"field {key!r} must be a number of seconds above 0; got {value!r}",
@@ -129,7 +139,7 @@ class Hello(Request):
     @classmethod
     def from_wire(cls, header, body):
         _no_body(cls.VERB, body)
-        return cls(_int(header, "id"), header.get("client"))
+        return cls(_int(header, "id"), _field(header, "client"))
 
     def header(self):
         return {"id": self.id, "client": self.client}
@@ -153,7 +163,7 @@ class Send(Request):
     @classmethod
     def from_wire(cls, header, body):
         return cls(
-            _int(header, "id"), header.get("ch"), _int(header, "cap", low=1),
+            _int(header, "id"), _field(header, "ch"), _int(header, "cap", low=1),
             _number(header, "exp"), _one_body(cls.VERB, body),
         )
 
@@ -207,7 +217,7 @@ class GroupSend(Request):
         if not isinstance(patterns, list):
             raise ProtocolError("bad-value", "field 'ccap' must be a list of [regex, capacity]")
         return cls(
-            _int(header, "id"), header.get("g"), _int(header, "cap", low=1),
+            _int(header, "id"), _field(header, "g"), _int(header, "cap", low=1),
             _number(header, "exp"), tuple(tuple(p) if isinstance(p, list) else p for p in patterns),
             _one_body(cls.VERB, body),
         )
@@ -235,7 +245,7 @@ class _Membership(Request):
     @classmethod
     def from_wire(cls, header, body):
         _no_body(cls.VERB, body)
-        return cls(_int(header, "id"), header.get("g"), header.get("ch"))
+        return cls(_int(header, "id"), _field(header, "g"), _field(header, "ch"))
 
     def header(self):
         return {"id": self.id, "g": self.group, "ch": self.channel}
@@ -251,7 +261,9 @@ class GroupAdd(_Membership):
     @classmethod
     def from_wire(cls, header, body):
         _no_body(cls.VERB, body)
-        return cls(_int(header, "id"), header.get("g"), header.get("ch"), _number(header, "gexp"))
+        return cls(
+            _int(header, "id"), _field(header, "g"), _field(header, "ch"), _number(header, "gexp")
+        )
 
     def header(self):
         return {"id": self.id, "g": self.group, "ch": self.channel, "gexp": self.group_expiry}
@@ -308,7 +320,7 @@ class Credit(Command):
     @classmethod
     def from_wire(cls, header, body):
         _no_body(cls.VERB, body)
-        return cls(header.get("ch"), _int(header, "n", low=1))
+        return cls(_field(header, "ch"), _int(header, "n", low=1))
 
     def header(self):
         return {"ch": self.channel, "n": self.n}

@@ -1,0 +1,915 @@
+"""Pure tests of the broker's routing state: fake peers drive a ``Router`` with frames.
+
+No sockets and no sleeps: ``now`` is a float each test chooses, and every frame the router
+returns is decoded with msgpack and checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import msgpack
+import pytest
+
+from broker.protocol import wire
+from broker.protocol.names import CONTROL_TOPIC, group_topic
+from broker.routing import GROUP_SWEEP_SECONDS, PUB, Limits, Out, Router
+
+A_ID, B_ID, C_ID = "aaaa1111", "bbbb2222", "cccc3333"
+A_SPECIFIC = f"specific.{A_ID}!x"
+B_SPECIFIC = f"specific.{B_ID}!x"
+B_OTHER = f"specific.{B_ID}!y"
+
+
+def body(n: int = 0) -> bytes:
+    return msgpack.packb({"type": "test.message", "n": n}, use_bin_type=True)
+
+
+def number(frame: bytes) -> int:
+    message = msgpack.unpackb(frame, raw=False)
+    assert message["type"] == "test.message"
+    return message["n"]
+
+
+class FakeClient:
+    """One client connection (a routing id) talking to a router through real frames."""
+
+    def __init__(self, router: Router, rid: bytes, client: str) -> None:
+        self.router, self.rid, self.client = router, rid, client
+        self._ids = itertools.count(1)
+        self.last_id = 0
+
+    def _id(self) -> int:
+        self.last_id = next(self._ids)
+        return self.last_id
+
+    def raw(self, frames: list[bytes], now: float = 0.0) -> list[Out]:
+        return self.router.handle(self.rid, frames, now)
+
+    def hello(self, now: float = 0.0) -> list[Out]:
+        return self.raw(wire.Hello(self._id(), self.client).frames(), now)
+
+    def send(self, channel, n=0, *, cap=100, exp=60.0, now=0.0, payload=None) -> list[Out]:
+        payload = body(n) if payload is None else payload
+        return self.raw(wire.Send(self._id(), channel, cap, exp, payload).frames(), now)
+
+    def group_send(self, group, n=0, *, cap=100, exp=60.0, ccap=(), now=0.0, payload=None):
+        payload = body(n) if payload is None else payload
+        return self.raw(wire.GroupSend(self._id(), group, cap, exp, ccap, payload).frames(), now)
+
+    def group_add(self, group, channel, gexp=86400.0, now=0.0) -> list[Out]:
+        return self.raw(wire.GroupAdd(self._id(), group, channel, gexp).frames(), now)
+
+    def group_sync(self, group, channel, now=0.0) -> list[Out]:
+        return self.raw(wire.GroupSync(self._id(), group, channel).frames(), now)
+
+    def group_discard(self, group, channel, now=0.0) -> list[Out]:
+        return self.raw(wire.GroupDiscard(self._id(), group, channel).frames(), now)
+
+    def flush(self, now=0.0) -> list[Out]:
+        return self.raw(wire.Flush(self._id()).frames(), now)
+
+    def ping(self, now=0.0) -> list[Out]:
+        return self.raw(wire.Ping(self._id()).frames(), now)
+
+    def credit(self, channel, n, now=0.0) -> list[Out]:
+        return self.raw(wire.Credit(channel, n).frames(), now)
+
+    def ack(self, *acks, now=0.0) -> list[Out]:
+        return self.raw(wire.Ack(tuple(acks)).frames(), now)
+
+    def bye(self, now=0.0) -> list[Out]:
+        return self.raw(wire.Bye().frames(), now)
+
+
+# -- reading what the router sent -----------------------------------------------------------
+
+
+def replies(outs: list[Out], rid: bytes) -> list[tuple[str, dict]]:
+    """(verb, header) of each OK/ERROR/JOIN sent to ``rid``."""
+    found = []
+    for out in outs:
+        if out.dest == rid and out.frames[0] != wire.MSG:
+            assert len(out.frames) == 2
+            found.append((out.frames[0][1:].decode(), msgpack.unpackb(out.frames[1], raw=False)))
+    return found
+
+
+def ok(outs: list[Out], rid: bytes) -> dict:
+    """The header of the one reply to ``rid``, which must be OK."""
+    [(verb, header)] = replies(outs, rid)
+    assert verb == "OK", header
+    return header
+
+
+def error(outs: list[Out], rid: bytes, code: str) -> dict:
+    """The header of the one reply to ``rid``, which must be ERROR with ``code``."""
+    [(verb, header)] = replies(outs, rid)
+    assert verb == "ERROR", header
+    assert header["code"] == code, header
+    assert header["message"]
+    return header
+
+
+def pushes(outs: list[Out], rid: bytes) -> list[tuple[str, list[int], list[int]]]:
+    """(channel, ttls in ms, message numbers) of each MSG sent to ``rid``."""
+    found = []
+    for out in outs:
+        if out.dest == rid and out.frames[0] == wire.MSG:
+            header = msgpack.unpackb(out.frames[1], raw=False)
+            assert set(header) == {"ch", "ttl"}
+            bodies = out.frames[2:]
+            assert len(header["ttl"]) == len(bodies)
+            assert out.push is not None and out.push[0] == header["ch"]
+            found.append((header["ch"], header["ttl"], [number(b) for b in bodies]))
+    return found
+
+
+def received(outs: list[Out], rid: bytes, channel: str | None = None) -> list[int]:
+    """The message numbers pushed to ``rid`` (on ``channel`` if given), in order."""
+    return [n for ch, _, ns in pushes(outs, rid) if channel in (None, ch) for n in ns]
+
+
+def published(outs: list[Out]) -> list[tuple[bytes, dict, list[bytes]]]:
+    """(topic, header, rest) of each message for the publisher."""
+    return [
+        (out.frames[0], msgpack.unpackb(out.frames[1], raw=False), out.frames[2:])
+        for out in outs
+        if out.dest is PUB
+    ]
+
+
+def push_of(outs: list[Out], rid: bytes) -> tuple[str, list]:
+    [push] = [out.push for out in outs if out.dest == rid and out.push is not None]
+    return push
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def router() -> Router:
+    return Router(pub_endpoint="tcp://127.0.0.1:5556")
+
+
+@pytest.fixture
+def a(router) -> FakeClient:
+    client = FakeClient(router, b"A", A_ID)
+    ok(client.hello(), b"A")
+    return client
+
+
+@pytest.fixture
+def b(router) -> FakeClient:
+    client = FakeClient(router, b"B", B_ID)
+    ok(client.hello(), b"B")
+    return client
+
+
+@pytest.fixture
+def c(router) -> FakeClient:
+    client = FakeClient(router, b"C", C_ID)
+    ok(client.hello(), b"C")
+    return client
+
+
+# -- HELLO ----------------------------------------------------------------------------------
+
+
+def test_hello_answers_with_client_id_publisher_endpoint_and_ceilings():
+    router = Router(Limits(max_capacity=7, max_message_size=99), pub_endpoint="tcp://x:1")
+    header = ok(FakeClient(router, b"A", A_ID).hello(), b"A")
+    assert header["id"] == 1
+    assert header["client"] == A_ID
+    assert header["pub"] == "tcp://x:1"
+    assert header["version"] == wire.VERSION
+    assert header["max_capacity"] == 7
+    assert header["max_message_size"] == 99
+    assert {"max_expiry", "max_group_expiry"} <= set(header)
+
+
+def test_hello_with_a_malformed_client_id_is_refused_and_registers_nothing(router):
+    raw = [wire.verb_frame("HELLO"), wire.pack({"id": 3, "client": "NOT VALID"})]
+    header = error(router.handle(b"A", raw, 0.0), b"A", "bad-value")
+    assert header["id"] == 3
+    assert router.peers == {}
+
+
+def test_hello_with_a_client_id_another_live_peer_uses_is_refused_with_id_taken(router, a):
+    thief = FakeClient(router, b"X", A_ID)
+    error(thief.hello(), b"X", "id-taken")
+    assert router.by_client[A_ID] == b"A"
+    assert b"X" not in router.peers
+    assert router.strikes.get(b"X", 0) == 0
+
+
+def test_a_client_id_is_free_again_once_its_peer_is_gone(router, a):
+    a.bye()
+    ok(FakeClient(router, b"X", A_ID).hello(), b"X")
+    assert router.by_client[A_ID] == b"X"
+
+
+def test_repeated_hello_on_one_connection_keeps_its_state(router, a, b):
+    ok(b.group_add("room", B_SPECIFIC), b"B")
+    ok(b.hello(), b"B")
+    assert router.groups.is_member("room", B_SPECIFIC, 0.0)
+
+
+def test_hello_with_a_new_client_id_forgets_the_old_identity(router, b):
+    ok(b.group_add("room", B_SPECIFIC), b"B")
+    b.client = C_ID
+    ok(b.hello(), b"B")
+    assert router.peers[b"B"].client == C_ID
+    assert B_ID not in router.by_client
+    assert not router.groups.is_member("room", B_SPECIFIC, 0.0)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        wire.Send(5, "q", 1, 1.0, body()), wire.GroupSend(5, "g", 1, 1.0, (), body()),
+        wire.GroupAdd(5, "g", "q"), wire.GroupSync(5, "g", "q"), wire.GroupDiscard(5, "g", "q"),
+        wire.Flush(5), wire.Ping(5),
+    ],
+    ids=lambda c: type(c).__name__,
+)
+def test_a_request_before_hello_is_refused_with_no_hello_and_its_id(router, command):
+    header = error(router.handle(b"A", command.frames(), 0.0), b"A", "no-hello")
+    assert header["id"] == 5
+    assert router.inboxes == {} and len(router.groups) == 0
+
+
+@pytest.mark.parametrize("command", [wire.Credit("q", 1), wire.Ack((("q", 1),))])
+def test_a_notice_before_hello_is_refused_with_no_hello_and_no_id(router, command):
+    header = error(router.handle(b"A", command.frames(), 0.0), b"A", "no-hello")
+    assert header["id"] is None
+    assert router.inboxes == {}
+
+
+def test_bye_before_hello_is_ignored_silently(router):
+    assert router.handle(b"A", wire.Bye().frames(), 0.0) == []
+    assert router.stats["bad_frames"] == 0
+
+
+def test_ping_answers_ok_with_its_id(a):
+    a.ping()
+    assert ok(a.ping(), b"A") == {"id": a.last_id}
+
+
+def test_a_malformed_message_is_answered_with_its_request_id(router, a):
+    raw = [wire.verb_frame("SEND"), wire.pack({"id": 42, "ch": "q", "cap": 0, "exp": 1})]
+    header = error(a.raw(raw), b"A", "bad-value")
+    assert header["id"] == 42
+    assert header["name"] == "cap"
+    assert router.stats["bad_frames"] == 1
+
+
+# -- normal channels: send, credit, ack -----------------------------------------------------
+
+
+def test_send_then_credit_delivers_messages_in_fifo_order(router, a, b):
+    for n in range(3):
+        header = ok(a.send("tasks", n, exp=10.0), b"A")
+        assert header == {"id": a.last_id}
+    outs = b.credit("tasks", 10, now=1.0)
+    assert pushes(outs, b"B") == [("tasks", [9000, 9000, 9000], [0, 1, 2])]
+    assert router.stats["delivered"] == 3
+    assert router.stats["received"] == 3
+
+
+def test_credit_then_send_pushes_at_once(a, b):
+    b.credit("tasks", 5)
+    outs = a.send("tasks", 7, exp=2.5)
+    ok(outs, b"A")
+    assert pushes(outs, b"B") == [("tasks", [2500], [7])]
+
+
+def test_push_carries_the_body_bytes_unchanged(a, b):
+    payload = msgpack.packb({"type": "x", "blob": b"\x00\xff"}, use_bin_type=True)
+    a.send("tasks", payload=payload)
+    [out] = b.credit("tasks", 1)
+    assert out.frames[2:] == [payload]
+
+
+def test_credit_bounds_how_many_messages_are_pushed_and_ack_refills_it(a, b):
+    for n in range(5):
+        a.send("tasks", n)
+    assert received(b.credit("tasks", 2), b"B") == [0, 1]
+    assert received(a.send("tasks", 5), b"B") == []
+    assert received(b.ack(("tasks", 2)), b"B") == [2, 3]
+    assert received(b.ack(("tasks", 1)), b"B") == [4]
+    assert received(b.ack(("tasks", 1)), b"B") == [5]
+
+
+def test_credit_for_a_process_specific_channel_is_refused(router, b):
+    header = error(b.credit(B_SPECIFIC, 5), b"B", "bad-value")
+    assert header["id"] is None
+    assert router.inboxes == {}
+
+
+def test_send_to_full_channel_raises_full_with_capacity(router, a):
+    for n in range(3):
+        ok(a.send("tasks", n, cap=3), b"A")
+    header = error(a.send("tasks", 3, cap=3), b"A", "full")
+    assert header["id"] == a.last_id
+    assert header["capacity"] == 3
+    assert header["channel"] == "tasks"
+    assert router.stats["full"] == 1
+    assert router.strikes.get(b"A", 0) == 0  # a full channel is not the sender's fault
+
+
+def test_capacity_is_the_senders_setting_per_request(a):
+    for n in range(3):
+        ok(a.send("tasks", n, cap=3), b"A")
+    ok(a.send("tasks", 3, cap=4), b"A")
+    error(a.send("tasks", 4, cap=2), b"A", "full")
+
+
+def test_depth_counts_in_flight_messages_until_they_are_acked(router, a, b):
+    ok(a.send("tasks", 0, cap=2), b"A")
+    ok(a.send("tasks", 1, cap=2), b"A")
+    assert received(b.credit("tasks", 10), b"B") == [0, 1]
+    assert router.inboxes["tasks"].inflight == 2
+    error(a.send("tasks", 2, cap=2), b"A", "full")
+    b.ack(("tasks", 1))
+    assert router.inboxes["tasks"].inflight == 1
+    outs = a.send("tasks", 3, cap=2)
+    ok(outs, b"A")
+    assert received(outs, b"B") == [3]
+    error(a.send("tasks", 4, cap=2), b"A", "full")
+
+
+def test_ack_beyond_what_is_in_flight_is_capped_and_unknown_channels_are_ignored(router, a, b):
+    a.send("tasks", 0)
+    b.credit("tasks", 1)
+    assert b.ack(("tasks", 5), ("other", 3)) == []
+    assert router.inboxes["tasks"].inflight == 0
+    assert router.peers[b"B"].credits["tasks"] == 1  # the credit the one message used, no more
+    assert "other" not in router.inboxes
+
+
+def test_ack_from_a_peer_that_holds_nothing_changes_nothing(router, a, b, c):
+    a.send("tasks", 0)
+    b.credit("tasks", 1)
+    c.ack(("tasks", 1))
+    assert router.inboxes["tasks"].inflight == 1
+    assert router.peers[b"B"].inflight == {"tasks": 1}
+
+
+def test_credit_round_robin_gives_each_message_to_exactly_one_receiver(a, b, c):
+    b.credit("tasks", 100)
+    c.credit("tasks", 100)
+    outs = []
+    for n in range(10):
+        outs += a.send("tasks", n)
+    got_b, got_c = received(outs, b"B"), received(outs, b"C")
+    assert got_b == [0, 2, 4, 6, 8]
+    assert got_c == [1, 3, 5, 7, 9]
+
+
+def test_a_backlog_is_shared_between_receivers_without_duplicates(a, b, c):
+    for n in range(10):
+        a.send("tasks", n)
+    outs = b.credit("tasks", 3) + c.credit("tasks", 3)
+    outs += b.ack(("tasks", 3)) + c.ack(("tasks", 3))
+    outs += b.ack(("tasks", 3)) + c.ack(("tasks", 3))
+    got_b, got_c = received(outs, b"B"), received(outs, b"C")
+    assert got_b == [0, 1, 2, 6, 7, 8]
+    assert got_c == [3, 4, 5, 9]
+    assert sorted(got_b + got_c) == list(range(10))
+
+
+def test_credit_is_capped(router, b):
+    b.credit("tasks", wire.MAX_INT)
+    b.credit("tasks", wire.MAX_INT)
+    assert router.peers[b"B"].credits["tasks"] <= 100_000
+
+
+# -- process-specific channels --------------------------------------------------------------
+
+
+def test_a_specific_channel_is_pushed_straight_to_its_owner(router, a, b):
+    outs = a.send(B_SPECIFIC, 1, exp=5.0)
+    ok(outs, b"A")
+    assert pushes(outs, b"B") == [(B_SPECIFIC, [5000], [1])]
+    assert pushes(outs, b"A") == []
+
+
+def test_messages_to_a_specific_channel_wait_for_the_owners_hello(router, a):
+    for n in range(3):
+        ok(a.send(B_SPECIFIC, n, exp=10.0), b"A")
+    ok(a.send(B_OTHER, 9, exp=10.0), b"A")
+    ok(a.send(A_SPECIFIC, 8), b"A")
+    owner = FakeClient(router, b"B", B_ID)
+    outs = owner.hello(now=4.0)
+    assert outs[0].frames[0] == wire.OK  # the reply comes before the deliveries
+    assert received(outs, b"B", B_SPECIFIC) == [0, 1, 2]
+    assert received(outs, b"B", B_OTHER) == [9]
+    assert {ttl for _, ttls, _ in pushes(outs, b"B") for ttl in ttls} == {6000}
+
+
+def test_specific_channel_capacity_counts_unacked_messages(router, a, b):
+    ok(a.send(B_SPECIFIC, 0, cap=1), b"A")
+    error(a.send(B_SPECIFIC, 1, cap=1), b"A", "full")
+    b.ack((B_SPECIFIC, 1))
+    ok(a.send(B_SPECIFIC, 2, cap=1), b"A")
+
+
+def test_a_channel_with_a_bang_but_no_valid_owner_just_waits(router, a):
+    ok(a.send("specific.NOBODY!x", 0), b"A")
+    assert len(router.inboxes["specific.NOBODY!x"].queue) == 1
+
+
+def test_idle_specific_inboxes_are_deleted_after_send_receive_and_ack(router, a, b):
+    a.send(B_SPECIFIC, 0)
+    a.send(B_OTHER, 1)
+    assert len(router.inboxes) == 2
+    b.ack((B_SPECIFIC, 1), (B_OTHER, 1))
+    assert len(router.inboxes) == 0
+    assert router.peers[b"B"].inflight == {}
+
+
+def test_idle_normal_inboxes_are_deleted_once_no_receiver_has_credit(router, a, b):
+    a.send("tasks", 0)
+    b.credit("tasks", 1)
+    b.ack(("tasks", 1))
+    assert "tasks" in router.inboxes  # B still offers credit
+    b.bye()
+    assert len(router.inboxes) == 0
+
+
+# -- expiry ---------------------------------------------------------------------------------
+
+
+def test_expired_messages_are_never_pushed(router, a, b):
+    a.send("tasks", 0, exp=1.0, now=0.0)
+    a.send("tasks", 1, exp=5.0, now=0.0)
+    outs = b.credit("tasks", 10, now=1.0)  # expiry is exclusive: at exactly 1.0 it is gone
+    assert pushes(outs, b"B") == [("tasks", [4000], [1])]
+    assert router.stats["expired"] == 1
+
+
+def test_expired_specific_messages_are_not_pushed_at_hello(router, a):
+    a.send(B_SPECIFIC, 0, exp=1.0, now=0.0)
+    outs = FakeClient(router, b"B", B_ID).hello(now=2.0)
+    assert pushes(outs, b"B") == []
+    assert router.stats["expired"] == 1
+
+
+def test_ttl_is_at_least_one_millisecond(a, b):
+    a.send("tasks", 0, exp=1.0, now=0.0)
+    assert pushes(b.credit("tasks", 1, now=0.9999999), b"B") == [("tasks", [1], [0])]
+
+
+def test_tick_purges_expired_messages_and_counts_them(router, a):
+    a.send("tasks", 0, exp=1.0)
+    a.send("tasks", 1, exp=1.0)
+    a.send("tasks", 2, exp=9.0)
+    assert router.tick(0.5) == []
+    assert len(router.inboxes["tasks"].queue) == 3
+    router.tick(1.5)
+    assert router.stats["expired"] == 2
+    assert [number(item[0]) for item in router.inboxes["tasks"].queue] == [2]
+    router.tick(10.0)
+    assert router.stats["expired"] == 3
+    assert router.inboxes == {}
+
+
+def test_a_full_channel_accepts_again_once_its_messages_expire(router, a):
+    ok(a.send("tasks", 0, cap=1, exp=1.0), b"A")
+    error(a.send("tasks", 1, cap=1, now=0.5), b"A", "full")
+    ok(a.send("tasks", 2, cap=1, now=1.5), b"A")
+    assert router.stats["expired"] == 1
+
+
+# -- groups ---------------------------------------------------------------------------------
+
+
+def test_group_send_queues_a_copy_in_each_normal_members_inbox(router, a, b, c):
+    ok(a.group_add("room", "inbox-b"), b"A")
+    ok(a.group_add("room", "inbox-c"), b"A")
+    outs = a.group_send("room", 4, exp=3.0)
+    assert ok(outs, b"A") == {"id": a.last_id, "queued": 2, "full": 0}
+    assert published(outs) == []
+    assert received(b.credit("inbox-b", 5, now=1.0), b"B") == [4]
+    assert pushes(c.credit("inbox-c", 5, now=2.0), b"C") == [("inbox-c", [1000], [4])]
+    assert router.stats["group_sends"] == 1
+
+
+def test_group_send_pushes_at_once_to_a_member_with_credit(a, b):
+    a.group_add("room", "inbox-b")
+    b.credit("inbox-b", 1)
+    assert received(a.group_send("room", 3), b"B") == [3]
+
+
+def test_group_send_to_an_empty_group_succeeds_with_nothing_queued(a):
+    outs = a.group_send("nobody", 0)
+    assert ok(outs, b"A")["queued"] == 0
+    assert len(outs) == 1
+
+
+def test_a_specific_member_causes_exactly_one_publish_on_the_group_topic(router, a, b):
+    for channel in (B_SPECIFIC, B_OTHER, A_SPECIFIC):
+        a.group_add("room1", channel)
+    a.group_add("room1", "inbox")
+    payload = body(5)
+    outs = a.group_send("room1", cap=7, exp=2.5, payload=payload)
+    assert ok(outs, b"A")["queued"] == 1
+    [(topic, header, rest)] = published(outs)
+    assert topic == b"room1\x00" == group_topic("room1")
+    assert header == {"op": "msg", "ttl": 2500, "cap": 7}
+    assert rest == [payload]
+    assert pushes(outs, b"B") == []  # specific members are served by their client, not pushed
+
+
+def test_group_publish_carries_the_channel_capacity_patterns(a):
+    a.group_add("room", A_SPECIFIC)
+    outs = a.group_send("room", ccap=(("^specific", 2),))
+    [(_, header, _)] = published(outs)
+    assert header["ccap"] == [["^specific", 2]]
+
+
+def test_a_full_normal_member_is_skipped_without_error(router, a):
+    a.group_add("room", "small")
+    a.group_add("room", "big")
+    assert ok(a.group_send("room", 0, cap=1), b"A") == {"id": a.last_id, "queued": 2, "full": 0}
+    assert ok(a.group_send("room", 1, cap=1), b"A") == {"id": a.last_id, "queued": 0, "full": 2}
+    assert router.stats["group_skipped"] == 2
+    assert router.strikes.get(b"A", 0) == 0
+
+
+def test_channel_capacity_patterns_set_the_capacity_of_matching_members(router, a):
+    a.group_add("room", "small")
+    a.group_add("room", "big")
+    ccap = (("^sm", 1), ("^s", 50))  # first match wins
+    ok(a.group_send("room", 0, cap=5, ccap=ccap), b"A")
+    assert ok(a.group_send("room", 1, cap=5, ccap=ccap), b"A")["full"] == 1
+    assert len(router.inboxes["small"].queue) == 1
+    assert len(router.inboxes["big"].queue) == 2
+
+
+def test_an_invalid_channel_capacity_regex_is_refused_and_delivers_nothing(router, a, b):
+    a.group_add("room", "inbox-b")
+    a.group_add("room", "inbox-c")
+    a.group_add("room", A_SPECIFIC)
+    b.credit("inbox-b", 5)
+    outs = a.group_send("room", ccap=(("^inbox-b$", 5), ("(", 1)))
+    header = error(outs, b"A", "bad-value")
+    assert header["id"] == a.last_id
+    assert pushes(outs, b"B") == []
+    assert router.inboxes["inbox-b"].depth() == 0  # not queued, nor counted as pushed
+    assert "inbox-c" not in router.inboxes
+    assert published(outs) == []
+
+
+def test_group_add_of_a_specific_channel_publishes_an_add_marker_with_ttl(router, b):
+    outs = b.group_add("room", B_SPECIFIC, gexp=30.0, now=100.0)
+    ok(outs, b"B")
+    assert published(outs) == [(b"room\x00", {"op": "add", "ch": B_SPECIFIC, "ttl": 30.0}, [])]
+
+
+def test_group_add_of_a_normal_channel_publishes_nothing(a):
+    outs = a.group_add("room", "inbox")
+    ok(outs, b"A")
+    assert published(outs) == []
+
+
+def test_group_add_for_another_clients_channel_tells_that_client_to_join(router, a, b):
+    outs = a.group_add("room", B_SPECIFIC, gexp=60.0)
+    ok(outs, b"A")
+    assert replies(outs, b"B") == [("JOIN", {"g": "room", "ch": B_SPECIFIC, "gexp": 60.0})]
+    assert len(published(outs)) == 1
+
+
+def test_group_add_again_refreshes_the_membership_expiry(router, b):
+    b.group_add("room", B_SPECIFIC, gexp=10.0, now=0.0)
+    b.group_add("room", B_SPECIFIC, gexp=10.0, now=8.0)
+    assert router.groups.is_member("room", B_SPECIFIC, 15.0)
+    assert not router.groups.is_member("room", B_SPECIFIC, 18.0)
+
+
+def test_group_sync_of_a_member_republishes_the_marker_with_the_time_left(b):
+    b.group_add("room", B_SPECIFIC, gexp=10.0, now=0.0)
+    outs = b.group_sync("room", B_SPECIFIC, now=4.0)
+    ok(outs, b"B")
+    [(topic, header, _)] = published(outs)
+    assert topic == b"room\x00"
+    assert header == {"op": "add", "ch": B_SPECIFIC, "ttl": pytest.approx(6.0)}
+
+
+def test_group_sync_of_a_non_member_answers_not_member(router, b):
+    outs = b.group_sync("room", B_SPECIFIC)
+    header = error(outs, b"B", "not-member")
+    assert header["id"] == b.last_id
+    assert header["name"] == B_SPECIFIC
+    assert published(outs) == []
+    assert router.strikes.get(b"B", 0) == 0
+
+
+def test_group_discard_of_a_specific_member_publishes_discard(router, a, b):
+    b.group_add("room", B_SPECIFIC)
+    outs = b.group_discard("room", B_SPECIFIC)
+    ok(outs, b"B")
+    assert published(outs) == [(b"room\x00", {"op": "discard", "ch": B_SPECIFIC}, [])]
+    assert published(a.group_send("room")) == []
+
+
+def test_group_discard_of_a_non_member_is_ok_and_publishes_nothing(b):
+    outs = b.group_discard("room", B_SPECIFIC)
+    ok(outs, b"B")
+    assert published(outs) == []
+
+
+def test_group_discard_of_a_normal_member_stops_its_copies(router, a):
+    a.group_add("room", "inbox")
+    outs = a.group_discard("room", "inbox")
+    assert published(outs) == []
+    assert ok(a.group_send("room"), b"A")["queued"] == 0
+
+
+def test_memberships_expire_after_group_expiry(router, a):
+    a.group_add("room", "inbox", gexp=10.0, now=0.0)
+    a.group_add("room", A_SPECIFIC, gexp=10.0, now=0.0)
+    assert ok(a.group_send("room", now=9.0), b"A")["queued"] == 1
+    outs = a.group_send("room", now=10.0)
+    assert ok(outs, b"A")["queued"] == 0
+    assert published(outs) == []
+    error(a.group_sync("room", A_SPECIFIC, now=10.0), b"A", "not-member")
+
+
+def test_tick_sweeps_expired_memberships(router, a):
+    a.group_add("room", "inbox", gexp=10.0, now=0.0)
+    a.group_add("other", "inbox", gexp=100.0, now=0.0)
+    router.tick(11.0)
+    assert router.groups.sizes() == {"other": 1}
+    router.tick(111.0 + GROUP_SWEEP_SECONDS)
+    assert router.groups.sizes() == {}
+
+
+def test_flush_empties_inboxes_and_groups_and_publishes_on_the_control_topic(router, a, b):
+    a.send("tasks", 0, cap=1)
+    a.send(f"specific.{C_ID}!x", 1)
+    a.group_add("room", "tasks")
+    a.group_add("room", B_SPECIFIC)
+    outs = a.flush()
+    ok(outs, b"A")
+    assert published(outs) == [(CONTROL_TOPIC, {"op": "flush"}, [])]
+    assert router.inboxes == {}
+    assert len(router.groups) == 0
+    ok(a.send("tasks", 2, cap=1), b"A")
+
+
+def test_flush_keeps_in_flight_counts_so_later_acks_still_balance(router, a, b):
+    a.send("tasks", 0)
+    b.credit("tasks", 1)
+    a.flush()
+    b.ack(("tasks", 1))
+    assert router.inboxes["tasks"].inflight == 0
+
+
+# -- peers leaving --------------------------------------------------------------------------
+
+
+def test_bye_drops_the_peers_specific_channels_from_every_group(router, a, b):
+    for group in ("room1", "room2"):
+        b.group_add(group, B_SPECIFIC)
+        a.group_add(group, A_SPECIFIC)
+    a.group_add("room1", "inbox")
+    assert b.bye() == []
+    assert router.groups.sizes() == {"room1": 2, "room2": 1}
+    assert not router.groups.is_member("room2", B_SPECIFIC, 0.0)
+    assert b"B" not in router.peers and B_ID not in router.by_client
+
+
+def test_bye_releases_the_peers_in_flight_messages_and_credit(router, a, b, c):
+    a.send("tasks", 0, cap=2)
+    a.send("tasks", 1, cap=2)
+    b.credit("tasks", 2)
+    error(a.send("tasks", 2, cap=2), b"A", "full")
+    c.credit("tasks", 5)
+    b.bye()
+    assert router.inboxes["tasks"].inflight == 0
+    assert list(router.inboxes["tasks"].ready) == [b"C"]
+    outs = a.send("tasks", 3, cap=2)
+    ok(outs, b"A")
+    assert received(outs, b"C") == [3]
+
+
+def test_bye_drops_what_waits_on_the_peers_specific_channels(router, a, b):
+    router.peers[b"B"].blocked_until = 100.0  # its pushes stall, so messages wait queued
+    a.send(B_SPECIFIC, 0)
+    assert len(router.inboxes[B_SPECIFIC].queue) == 1
+    b.bye()
+    assert router.inboxes == {}
+    assert router.stats["expired"] == 1
+
+
+def test_a_peer_that_said_bye_must_say_hello_again(router, b):
+    b.bye()
+    error(b.ping(), b"B", "no-hello")
+
+
+def test_peer_gone_acts_like_bye(router, a, b):
+    b.group_add("room", B_SPECIFIC)
+    a.send(B_SPECIFIC, 0)
+    a.send("tasks", 1)
+    b.credit("tasks", 1)
+    router.peer_gone(b"B")
+    router.peer_gone(b"nobody")  # an unknown peer is not an error
+    assert len(router.groups) == 0
+    assert router.inboxes == {}
+    assert b"B" not in router.peers
+
+
+def test_unsent_requeues_at_the_front_and_retries_after_a_pause(router, a, b):
+    b.credit("tasks", 1)
+    outs = a.send("tasks", 0)
+    a.send("tasks", 1)
+    router.unsent(b"B", push_of(outs, b"B"), 1.0, gone=False)
+    assert [number(item[0]) for item in router.inboxes["tasks"].queue] == [0, 1]
+    assert router.inboxes["tasks"].inflight == 0
+    assert router.stats["delivered"] == 0
+    assert pushes(router.tick(1.01), b"B") == []  # the peer is still paused
+    assert received(router.tick(1.1), b"B") == [0]
+    assert router.tick(1.2) == []  # one credit, one message
+
+
+def test_unsent_of_a_specific_push_requeues_and_retries(router, a, b):
+    outs = a.send(B_SPECIFIC, 0)
+    router.unsent(b"B", push_of(outs, b"B"), 0.0, gone=False)
+    assert received(a.send(B_SPECIFIC, 1, now=0.01), b"B") == []
+    assert received(router.tick(0.5), b"B") == [0, 1]
+
+
+def test_unsent_to_a_vanished_peer_forgets_it_and_hands_the_messages_to_another(router, a, b, c):
+    b.credit("tasks", 5)
+    c.credit("tasks", 5)
+    outs = a.send("tasks", 0)
+    router.unsent(b"B", push_of(outs, b"B"), 0.0, gone=True)
+    assert b"B" not in router.peers
+    assert received(router.tick(0.1), b"C") == [0]
+
+
+def test_unsent_after_the_peer_was_forgotten_only_requeues(router, a, b):
+    b.credit("tasks", 1)
+    outs = a.send("tasks", 0)
+    router.peer_gone(b"B")
+    router.unsent(b"B", push_of(outs, b"B"), 0.0, gone=True)
+    assert router.inboxes["tasks"].inflight == 0
+    assert len(router.inboxes["tasks"].queue) == 1
+
+
+# -- operator ceilings and bad bodies -------------------------------------------------------
+
+LIMITS = Limits(max_capacity=100, max_expiry=60.0, max_message_size=64, max_group_expiry=100.0)
+
+
+@pytest.fixture
+def limited() -> FakeClient:
+    client = FakeClient(Router(LIMITS), b"A", A_ID)
+    ok(client.hello(), b"A")
+    return client
+
+
+@pytest.mark.parametrize("verb", ["send", "group_send"])
+def test_capacity_above_max_capacity_is_refused_with_limit(limited, verb):
+    outs = getattr(limited, verb)("tasks", cap=101)
+    header = error(outs, b"A", "limit")
+    assert (header["name"], header["limit"]) == ("capacity", 100)
+    assert ok(getattr(limited, verb)("tasks", cap=100), b"A")
+
+
+def test_channel_capacity_above_max_capacity_is_refused_with_limit(limited):
+    limited.group_add("room", "inbox")
+    header = error(limited.group_send("room", cap=5, ccap=(("^in", 101),)), limited.rid, "limit")
+    assert (header["name"], header["limit"]) == ("capacity", 100)
+    assert limited.router.inboxes == {}
+
+
+@pytest.mark.parametrize("verb", ["send", "group_send"])
+def test_expiry_above_max_expiry_is_refused_with_limit(limited, verb):
+    header = error(getattr(limited, verb)("tasks", exp=60.5), b"A", "limit")
+    assert (header["name"], header["limit"]) == ("expiry", 60.0)
+
+
+@pytest.mark.parametrize("verb", ["send", "group_send"])
+def test_a_body_above_max_message_size_is_refused_as_too_large(limited, verb):
+    payload = msgpack.packb({"type": "x", "pad": "y" * 100})
+    header = error(getattr(limited, verb)("tasks", payload=payload), b"A", "too-large")
+    assert header["size"] == len(payload)
+    assert header["limit"] == 64
+    assert limited.router.stats["too_large"] == 1
+    assert limited.router.inboxes == {}
+    assert limited.router.strikes.get(b"A", 0) == 0
+
+
+def test_a_body_of_exactly_max_message_size_is_accepted(limited):
+    sizes = {len(p): p for k in range(64) if (p := msgpack.packb({"type": "x", "pad": "y" * k}))}
+    payload = sizes[64]
+    ok(limited.send("tasks", payload=payload), b"A")
+
+
+def test_group_expiry_above_max_group_expiry_is_refused_with_limit(limited):
+    header = error(limited.group_add("room", A_SPECIFIC, gexp=101.0), b"A", "limit")
+    assert (header["name"], header["limit"]) == ("group_expiry", 100.0)
+    assert len(limited.router.groups) == 0
+
+
+@pytest.mark.parametrize("payload", [b"", msgpack.packb([1, 2]), msgpack.packb("text"), b"\xc1"])
+@pytest.mark.parametrize("verb", ["send", "group_send"])
+def test_a_body_that_is_not_a_map_is_refused_as_bad_body(router, a, payload, verb):
+    header = error(getattr(a, verb)("tasks", payload=payload), b"A", "bad-body")
+    assert header["id"] == a.last_id
+    assert router.inboxes == {}
+
+
+# -- bad peers ------------------------------------------------------------------------------
+
+STRICT = Limits(max_bad_frames=3, ban_seconds=10.0)
+GARBAGE = [b"\x01SEND", b"\xc1"]
+
+
+def test_a_peer_is_banned_after_more_than_max_bad_frames_bad_messages():
+    router = Router(STRICT)
+    for _ in range(3):
+        error(router.handle(b"X", GARBAGE, 0.0), b"X", "bad-header")
+    header = error(router.handle(b"X", GARBAGE, 0.0), b"X", "banned")
+    assert header["limit"] == 3
+    assert router.stats["bad_frames"] == 4
+
+
+def test_a_banned_peer_is_ignored_until_ban_seconds_pass():
+    router = Router(STRICT)
+    peer = FakeClient(router, b"X", A_ID)
+    for _ in range(4):
+        peer.raw(GARBAGE, now=0.0)
+    assert peer.hello(now=1.0) == []
+    assert peer.raw(GARBAGE, now=9.99) == []
+    assert router.stats["bad_frames"] == 4
+    ok(peer.hello(now=10.0), b"X")
+    assert b"X" not in router.banned
+
+
+def test_a_banned_peer_is_forgotten_with_its_memberships():
+    router = Router(STRICT)
+    peer = FakeClient(router, b"X", A_ID)
+    peer.hello()
+    peer.group_add("room", A_SPECIFIC)
+    for _ in range(4):
+        peer.raw(GARBAGE)
+    assert b"X" not in router.peers
+    assert A_ID not in router.by_client
+    assert len(router.groups) == 0
+
+
+def test_a_bad_peer_never_disturbs_another_peers_state():
+    router = Router(STRICT)
+    good = FakeClient(router, b"G", B_ID)
+    bad = FakeClient(router, b"X", A_ID)
+    good.hello()
+    good.group_add("room", B_SPECIFIC)
+    good.send("tasks", 0)
+    good.credit("tasks", 1)
+    bad.hello()
+    outs = []
+    for attempt in (
+        GARBAGE, wire.Credit(B_SPECIFIC, 1).frames(), wire.Ack(((B_SPECIFIC, 1), ("tasks", 1))).frames(),
+        wire.Hello(1, B_ID).frames(), GARBAGE, GARBAGE, GARBAGE, GARBAGE,
+    ):
+        outs += bad.raw(attempt)
+    assert all(out.dest == b"X" for out in outs)
+    assert b"X" in router.banned
+    assert router.peers[b"G"].inflight == {"tasks": 1}
+    assert router.by_client[B_ID] == b"G"
+    assert router.groups.is_member("room", B_SPECIFIC, 0.0)
+    assert router.strikes.get(b"G", 0) == 0
+    assert received(good.ack(("tasks", 1)) + good.send("tasks", 1), b"G") == [1]
+
+
+def test_a_bad_body_counts_as_a_bad_frame_but_a_full_channel_does_not(router, a):
+    a.send("tasks", 0, cap=1)
+    a.send("tasks", 1, cap=1)
+    assert router.strikes.get(b"A", 0) == 0
+    a.send("tasks", payload=b"\x90")
+    assert router.strikes[b"A"] == 1
+    assert router.stats["bad_frames"] == 1
+
+
+def test_a_successful_hello_clears_the_count_of_bad_frames():
+    router = Router(STRICT)
+    peer = FakeClient(router, b"X", A_ID)
+    for _ in range(3):
+        peer.raw(GARBAGE)
+    ok(peer.hello(), b"X")
+    for _ in range(3):
+        error(peer.raw(GARBAGE), b"X", "bad-header")
+    assert router.banned == {}
+
+
+def test_bad_frames_are_counted_per_peer():
+    router = Router(STRICT)
+    for rid in (b"X", b"Y", b"Z"):
+        for _ in range(3):
+            router.handle(rid, GARBAGE, 0.0)
+    assert router.banned == {}
+    assert router.strikes == {b"X": 3, b"Y": 3, b"Z": 3}
