@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import threading
 import time
 from urllib.parse import urlsplit
@@ -29,6 +30,16 @@ SNDHWM = 100_000
 
 class BindError(Exception):
     """An endpoint could not be bound (in use, malformed, no such address)."""
+
+
+_MAPPED_IPV4 = re.compile(r"\[::ffff:(\d{1,3}(?:\.\d{1,3}){3})\]")
+
+
+def _unmapped(endpoint: str) -> str:
+    """``tcp://[::ffff:127.0.0.1]:5555`` -> ``tcp://127.0.0.1:5555``."""
+    # With IPV6 on, ZeroMQ reports an IPv4 bind in its IPv4-mapped form: clients without IPv6
+    # cannot dial it, and 0.0.0.0 would no longer be recognised as a wildcard host.
+    return _MAPPED_IPV4.sub(r"\1", endpoint)
 
 
 def _wildcard_host(endpoint: str) -> bool:
@@ -58,8 +69,8 @@ class BrokerServer:
         self._commands.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._commands.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._publisher = self._socket(zmq.XPUB, self.config.pub_bind)
-        self.endpoint = self._commands.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.pub_endpoint = self._publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = _unmapped(self._commands.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.pub_endpoint = _unmapped(self._publisher.getsockopt_string(zmq.LAST_ENDPOINT))
         advertised = self.config.advertise or self.pub_endpoint
         self.router = Router(self.config.limits(), advertised)
         if not self.config.advertise and _wildcard_host(self.pub_endpoint):
@@ -118,13 +129,18 @@ class BrokerServer:
 
     def _read_commands(self) -> None:
         router, sock = self.router, self._commands
-        for _ in range(BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        router.begin_batch()  # a burst of sends becomes one MSG per receiver
+        try:
+            for _ in range(BATCH):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                now = time.monotonic()
+                self._send(router.handle(frames[0], frames[1:], now), now)
+        finally:
             now = time.monotonic()
-            self._send(router.handle(frames[0], frames[1:], now), now)
+            self._send(router.end_batch(now), now)
 
     def _drain_subscriptions(self) -> None:
         # Subscriptions need no action (clients confirm them with markers), but XPUB queues

@@ -26,6 +26,7 @@ def hello(url: str) -> dict:
     """The header of the broker's reply to a HELLO on a raw DEALER socket."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)
     try:
         sock.connect(url)
         sock.send_multipart([bytes([1]) + b"HELLO", msgpack.packb({"id": 1, "client": "probe1234"})])
@@ -52,6 +53,32 @@ def test_wildcard_publisher_is_dialled_on_the_host_the_client_used(broker_factor
     assert broker.url.startswith("tcp://127.0.0.1:")
     assert hello(broker.url)["pub"].startswith("tcp://0.0.0.0:")
     assert_group_round_trip(broker.url)
+
+
+@pytest.mark.timeout(30)
+def test_star_wildcard_publisher_is_dialled_on_the_host_the_client_used(broker_factory):
+    broker = broker_factory(bind="tcp://*:*", pub_bind="tcp://*:*")
+    assert hello(broker.url)["pub"].startswith("tcp://[::]:")
+    assert_group_round_trip(broker.url)
+
+
+@pytest.mark.timeout(30)
+def test_ipv6_loopback_endpoints_work(broker_factory):
+    broker = broker_factory(bind="tcp://[::1]:*", pub_bind="tcp://[::1]:*")
+    assert broker.url.startswith("tcp://[::1]:")
+    assert hello(broker.url)["pub"].startswith("tcp://[::1]:")
+    assert_group_round_trip(broker.url)
+
+
+@pytest.mark.timeout(30)
+def test_ipv4_binds_are_reported_in_ipv4_form(broker, broker_process):
+    # ZeroMQ with IPV6 on reports tcp://[::ffff:127.0.0.1]:port; clients must not see that.
+    assert broker.server.endpoint.startswith("tcp://127.0.0.1:")
+    assert hello(broker.url)["pub"] == broker.server.pub_endpoint
+    assert broker.server.pub_endpoint.startswith("tcp://127.0.0.1:")
+    assert broker_process.url.startswith("tcp://127.0.0.1:")
+    assert hello(broker_process.url)["pub"].startswith("tcp://127.0.0.1:")
+    assert "without authentication" not in broker_process.stderr_path.read_text()
 
 
 @pytest.mark.timeout(30)
