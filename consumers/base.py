@@ -94,7 +94,7 @@ class BaseConsumer:
     _blocking: ClassVar[bool] = False
     _framework: ClassVar[bool] = True
     channel_name: str | None = None
-    client: Any = None
+    _client: Any = None
 
     def __init_subclass__(cls, framework: bool = False, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -162,16 +162,23 @@ class BaseConsumer:
             )
         return handler
 
+    @property
+    def client(self):
+        """The AsyncClient this instance was started with; RuntimeError before start()."""
+        if self._client is None:
+            raise RuntimeError(f"{self!r} is not started: its helpers work once start() has run")
+        return self._client
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, client) -> None:
         """Bind to ``client`` (a connected AsyncClient), take a channel name, join ``groups``,
         run ``on_start``. Raises what the client raises, and TypeError for bad ``groups``."""
-        if self.client is not None:
+        if self._client is not None:
             raise RuntimeError(f"{self!r} is already started")
         groups = _check_names(type(self).__qualname__, "groups", self.groups, check_group, False)
         _check_names(type(self).__qualname__, "channels", self.channels, check_channel, True)
-        self.client = client
+        self._client = client
         self.channel_name = client.new_channel()
         self._loop = asyncio.get_running_loop()
         self._joined: list[str] = []
@@ -283,10 +290,7 @@ class Consumer(BaseConsumer, framework=True):
     # -- helpers (blocking) -------------------------------------------------------------------
 
     def _wait(self, coroutine: Coroutine) -> Any:
-        loop = getattr(self, "_loop", None)
-        if loop is None:
-            coroutine.close()
-            raise RuntimeError(f"{self!r} is not started: its helpers work once start() has run")
+        loop = self._loop
         if _on_loop(loop):
             coroutine.close()
             raise RuntimeError(

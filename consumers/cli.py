@@ -291,15 +291,15 @@ _AT_LEAST_ONE = click.IntRange(min=1)
 
 _broker_option = click.option(
     "--broker", "url", type=BROKER_URL, default=DEFAULT_BROKER_URL, show_default=True,
-    envvar="CHANNELBUS_BROKER", help="URL of the broker (its command endpoint).")
+    envvar="CHANNELBUS_BROKER", show_envvar=True, help="URL of the broker (its command endpoint).")
 _timeout_option = click.option(
-    "--timeout", type=_POSITIVE_SECONDS, default=10.0, show_default=True, envvar="CHANNELBUS_TIMEOUT",
+    "--timeout", type=_POSITIVE_SECONDS, default=10.0, show_default=True, envvar="CHANNELBUS_TIMEOUT", show_envvar=True,
     help="Seconds to wait for each answer from the broker before giving up.")
 _capacity_option = click.option(
-    "--capacity", type=_AT_LEAST_ONE, default=100, show_default=True, envvar="CHANNELBUS_CAPACITY",
+    "--capacity", type=_AT_LEAST_ONE, default=100, show_default=True, envvar="CHANNELBUS_CAPACITY", show_envvar=True,
     help="Messages a channel may hold when this process sends to it; more is refused (full).")
 _expiry_option = click.option(
-    "--expiry", type=_POSITIVE_SECONDS, default=60.0, show_default=True, envvar="CHANNELBUS_EXPIRY",
+    "--expiry", type=_POSITIVE_SECONDS, default=60.0, show_default=True, envvar="CHANNELBUS_EXPIRY", show_envvar=True,
     help="Seconds a message sent from this process waits for a receiver before it expires.")
 
 
@@ -318,16 +318,16 @@ def _bus(url: str, **settings):
 @main.command()
 @click.argument("consumer", type=CONSUMER_CLASS, metavar="MODULE:ATTR")
 @_broker_option
-@click.option("--instances", type=_AT_LEAST_ONE, default=1, show_default=True, envvar="CHANNELBUS_INSTANCES",
+@click.option("--instances", type=_AT_LEAST_ONE, default=1, show_default=True, envvar="CHANNELBUS_INSTANCES", show_envvar=True,
               help="Consumer instances to host in this process; they share one connection.")
 @_capacity_option
 @_expiry_option
 @click.option("--group-expiry", type=_POSITIVE_SECONDS, default=86400.0, show_default=True,
-              envvar="CHANNELBUS_GROUP_EXPIRY",
+              envvar="CHANNELBUS_GROUP_EXPIRY", show_envvar=True,
               help="Seconds a group membership lasts before the broker drops it.")
 @_timeout_option
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              default="INFO", show_default=True, envvar="CHANNELBUS_LOG_LEVEL", help="Logging threshold.")
+              default="INFO", show_default=True, envvar="CHANNELBUS_LOG_LEVEL", show_envvar=True, help="Logging threshold.")
 def run(consumer, url, instances, log_level, **settings) -> None:
     """Host consumers of class MODULE:ATTR until SIGINT or SIGTERM.
 
