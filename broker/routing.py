@@ -5,44 +5,37 @@ Theory of operation
 ``Router.handle(peer, frames, now)`` takes one message from a client (``peer`` is its ZeroMQ
 routing id) and returns the messages to send, as ``Out(dest, frames, push)`` where ``dest`` is a
 routing id or ``PUB`` for the group publisher. ``Router.tick(now)`` expires what is due and
-retries stalled deliveries. The server owns the sockets and the clock.
+retries stalled deliveries. The server owns the sockets and the clock; it may wrap a burst of
+messages in ``begin_batch()`` / ``end_batch(now)`` so deliveries go out once per burst.
 
-Rules:
+Channels, credit and reservations live in ``delivery.Delivery`` (see its rules). Here:
 
-- Every channel has an inbox: a FIFO of ``(body, expires_at)`` plus a count of messages
-  *in flight* (pushed to a client, not yet acknowledged as consumed). Its depth is
-  ``len(queue) + inflight``; SEND is refused with ``full`` when depth >= the sender's capacity.
-- A normal channel's messages go to the clients that granted credit for it (CREDIT), round robin,
-  each message to exactly one of them. Every ACK returns the credit it consumed.
-- A process-specific channel's messages go straight to the connected client whose id the name
-  carries; capacity alone bounds what it holds. With that client absent they wait in the inbox.
-- Expired messages are dropped, never delivered; pushes carry the time left (``ttl`` in ms).
+- Requests are checked against the operator's ``Limits``; a refusal is an ERROR reply with a
+  code and the limit, and costs the peer nothing else.
 - Groups map channel -> membership expiry. GSEND queues the body in the inbox of each normal
   member (skipping full ones) and publishes it once on the group's topic when any member is
   process-specific; each client hands it to its own members. Membership changes of
   process-specific channels are published on the same topic, so each client sees them in order
   with the messages (GADD and GSYNC publish an ``add`` marker; the client that waits for
   ``group_add`` to finish waits for that marker, which proves its subscription is live).
-- An inbox with nothing queued, nothing in flight and no credit is deleted: idle channels cost
-  nothing.
 - A peer that sends more than ``max_bad_frames`` bad messages is ignored for ``ban_seconds``.
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Callable
 
+from .delivery import Delivery, Out, Peer
+from .groups import Groups
 from .protocol import wire
 from .protocol.errors import ProtocolError
 from .protocol.names import CONTROL_TOPIC, group_topic, owner_of
-from .groups import Groups
 
 PUB = None  # Out.dest for the publisher socket
-MAX_CREDIT = 100_000
 GROUP_SWEEP_SECONDS = 5.0  # group_send also drops expired members of the group it reaches
+REFUSALS = ("full", "limit", "too-large", "not-member", "id-taken")  # answered, not held against the peer
 
 
 @dataclass(frozen=True)
@@ -57,55 +50,40 @@ class Limits:
     ban_seconds: float = 10.0
 
 
-class Out(NamedTuple):
-    dest: bytes | None
-    frames: list[bytes]
-    push: tuple[str, list] | None = None  # (channel, items) for MSG, so a failed send requeues
-
-
-@dataclass
-class Peer:
-    rid: bytes
-    client: str
-    credits: dict[str, int] = field(default_factory=dict)
-    inflight: dict[str, int] = field(default_factory=dict)
-    blocked_until: float = 0.0
-
-
-@dataclass
-class Inbox:
-    queue: deque = field(default_factory=deque)
-    inflight: int = 0
-    ready: deque = field(default_factory=deque)  # routing ids with credit, round robin
-
-    def depth(self) -> int:
-        return len(self.queue) + self.inflight
-
-
 class Router:
     def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "") -> None:
         self.limits = limits
         self.pub_endpoint = pub_endpoint
-        self.peers: dict[bytes, Peer] = {}
-        self.by_client: dict[str, bytes] = {}
-        self.inboxes: dict[str, Inbox] = {}
-        self.groups = Groups()
-        self.stalled: set[str] = set()
-        self.strikes: dict[bytes, int] = {}
-        self.banned: dict[bytes, float] = {}
         self.stats = dict.fromkeys(
             ("received", "delivered", "full", "expired", "too_large", "bad_frames",
              "group_sends", "group_skipped"), 0,
         )
+        self.delivery = Delivery(self.stats)
+        self.groups = Groups()
+        self.strikes: dict[bytes, int] = {}
+        self.banned: dict[bytes, float] = {}
         self._patterns: dict[str, re.Pattern] = {}
         self._next_group_sweep = 0.0
         self._handlers: dict[type, Callable] = {
-            wire.Hello: self._hello, wire.Send: self._send, wire.GroupSend: self._group_send,
+            wire.Hello: self._hello, wire.Send: self._send, wire.Reserve: self._reserve,
+            wire.Post: self._post, wire.Release: self._release, wire.GroupSend: self._group_send,
             wire.GroupAdd: self._group_add, wire.GroupSync: self._group_sync,
             wire.GroupDiscard: self._group_discard, wire.Flush: self._flush,
             wire.Ping: self._ping, wire.Credit: self._credit, wire.Ack: self._ack,
             wire.Bye: self._bye,
         }
+
+    @property
+    def peers(self) -> dict[bytes, Peer]:
+        return self.delivery.peers
+
+    @property
+    def by_client(self) -> dict[str, bytes]:
+        return self.delivery.by_client
+
+    @property
+    def inboxes(self):
+        return self.delivery.inboxes
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -119,7 +97,7 @@ class Router:
             cmd = wire.decode(frames)
         except ProtocolError as err:
             return self._strike(rid, err, now)
-        peer = self.peers.get(rid)
+        peer = self.delivery.peers.get(rid)
         if peer is None and type(cmd) is not wire.Hello:
             if type(cmd) is wire.Bye:
                 return []
@@ -128,57 +106,44 @@ class Router:
         try:
             return self._handlers[type(cmd)](peer or rid, cmd, now)
         except ProtocolError as err:
-            if err.code in ("full", "limit", "too-large", "not-member", "id-taken"):
+            if err.code in REFUSALS:
                 return [Out(rid, wire.error(getattr(cmd, "id", None), err))]
             return self._strike(rid, err, now, getattr(cmd, "id", None))
 
+    def begin_batch(self) -> None:
+        """Until ``end_batch``, deliver to receivers once per burst rather than per message."""
+        self.delivery.begin_batch()
+
+    def end_batch(self, now: float) -> list[Out]:
+        return self.delivery.end_batch(now)
+
     def tick(self, now: float) -> list[Out]:
         """Expire messages and memberships that are due; retry stalled deliveries."""
-        out: list[Out] = []
-        for name in list(self.inboxes):
-            inbox = self.inboxes[name]
-            if inbox.queue:
-                self._purge(inbox, now)
-            self._gc(name)
         if now >= self._next_group_sweep:
             self.groups.expire(now)
             self._next_group_sweep = now + GROUP_SWEEP_SECONDS
-        stalled, self.stalled = self.stalled, set()
-        for name in stalled:
-            if name in self.inboxes:
-                out += self._pump(name, self.inboxes[name], now)
-        return out
+        return self.delivery.tick(now)
 
     def unsent(self, rid: bytes, push: tuple[str, list], now: float, gone: bool) -> None:
         """The server could not send a MSG: requeue its items at the front of the inbox.
 
         ``gone`` says the peer has vanished (forget it) rather than being momentarily full.
         """
-        channel, items = push
-        inbox = self.inboxes.setdefault(channel, Inbox())
-        inbox.queue.extendleft(reversed(items))
-        peer = self.peers.get(rid)
-        if peer is not None:  # (a forgotten peer's in-flight count was already released)
-            inbox.inflight -= len(items)
-            peer.inflight[channel] -= len(items)
-            if owner_of(channel) is None:
-                peer.credits[channel] = peer.credits.get(channel, 0) + len(items)
-                if rid not in inbox.ready:  # its credit is back, so it must be offered again
-                    inbox.ready.append(rid)
-            if gone:
-                self._forget(peer, drop_specific=False)
-            else:
-                peer.blocked_until = now + 0.05
-        self.stalled.add(channel)  # retry at the next tick, to this peer or another receiver
-        self.stats["delivered"] -= len(items)
+        peer = self.delivery.unsent(rid, push, now)
+        if gone and peer is not None:
+            self._forget(peer)
 
     def peer_gone(self, rid: bytes) -> None:
         """Forget a peer that vanished (heartbeat timeout or unroutable)."""
-        peer = self.peers.get(rid)
+        peer = self.delivery.peers.get(rid)
         if peer is not None:
-            self._forget(peer, drop_specific=True)
+            self._forget(peer)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _forget(self, peer: Peer) -> None:
+        self.delivery.forget(peer, drop_specific=True)
+        self.groups.drop_owner(peer.client)
 
     def _strike(self, rid: bytes, err: ProtocolError, now: float, request_id=None) -> list[Out]:
         self.stats["bad_frames"] += 1
@@ -191,9 +156,9 @@ class Router:
         if count > self.limits.max_bad_frames:
             del self.strikes[rid]
             self.banned[rid] = now + self.limits.ban_seconds
-            peer = self.peers.get(rid)
+            peer = self.delivery.peers.get(rid)
             if peer is not None:
-                self._forget(peer, drop_specific=True)
+                self._forget(peer)
             err = ProtocolError(
                 "banned",
                 f"more than {self.limits.max_bad_frames} bad messages; ignoring this peer for"
@@ -202,14 +167,14 @@ class Router:
             )
         return [Out(rid, wire.error(request_id, err))]
 
-    def _check_settings(self, capacity: int, expiry: float) -> None:
+    def _check_settings(self, capacity: int, expiry: float | None = None) -> None:
         lim = self.limits
         if capacity > lim.max_capacity:
             raise ProtocolError(
                 "limit", f"capacity {capacity} exceeds the broker's max-capacity {lim.max_capacity}",
                 name="capacity", limit=lim.max_capacity,
             )
-        if expiry > lim.max_expiry:
+        if expiry is not None and expiry > lim.max_expiry:
             raise ProtocolError(
                 "limit", f"expiry {expiry:g} s exceeds the broker's max-expiry {lim.max_expiry:g} s",
                 name="expiry", limit=lim.max_expiry,
@@ -226,96 +191,6 @@ class Router:
             )
         if not wire.body_is_map(body):
             raise ProtocolError("bad-body", "message body must be a msgpack map (a dict with 'type')")
-
-    def _purge(self, inbox: Inbox, now: float) -> None:
-        live = deque(item for item in inbox.queue if item[1] > now)
-        self.stats["expired"] += len(inbox.queue) - len(live)
-        inbox.queue = live
-
-    def _gc(self, name: str) -> None:
-        inbox = self.inboxes[name]
-        if not inbox.queue and not inbox.inflight and not inbox.ready:
-            del self.inboxes[name]
-
-    def _enqueue(self, name: str, body: bytes, capacity: int, expires_at: float, now: float) -> bool:
-        inbox = self.inboxes.get(name)
-        if inbox is None:
-            inbox = self.inboxes[name] = Inbox()
-        if inbox.depth() >= capacity:
-            self._purge(inbox, now)
-            if inbox.depth() >= capacity:
-                self.stats["full"] += 1
-                self._gc(name)
-                return False
-        inbox.queue.append((body, expires_at))
-        return True
-
-    def _pump(self, name: str, inbox: Inbox, now: float) -> list[Out]:
-        """Push what ``name`` has queued to whoever may take it."""
-        out: list[Out] = []
-        owner = owner_of(name)
-        if owner is not None:
-            rid = self.by_client.get(owner)
-            if rid is not None and inbox.queue:
-                out += self._push(self.peers[rid], name, inbox, len(inbox.queue), now)
-        else:
-            while inbox.queue and inbox.ready:
-                rid = inbox.ready.popleft()
-                peer = self.peers.get(rid)
-                credit = peer.credits.get(name, 0) if peer else 0
-                if credit <= 0:
-                    continue
-                pushed = self._push(peer, name, inbox, credit, now)
-                out += pushed
-                if pushed:
-                    peer.credits[name] = credit - len(pushed[0].push[1])
-                if peer.credits.get(name, 0) > 0:
-                    inbox.ready.append(rid)
-                if not pushed:
-                    break
-        return out
-
-    def _push(self, peer: Peer, name: str, inbox: Inbox, n: int, now: float) -> list[Out]:
-        if peer.blocked_until > now:
-            self.stalled.add(name)
-            return []
-        items, ttls = [], []
-        queue = inbox.queue
-        while queue and len(items) < n:
-            item = queue.popleft()
-            if item[1] <= now:
-                self.stats["expired"] += 1
-                continue
-            items.append(item)
-            ttls.append(max(1, int((item[1] - now) * 1000)))
-        if not items:
-            return []
-        inbox.inflight += len(items)
-        peer.inflight[name] = peer.inflight.get(name, 0) + len(items)
-        self.stats["delivered"] += len(items)
-        header = wire.pack({"ch": name, "ttl": ttls})
-        return [Out(peer.rid, [wire.MSG, header, *(item[0] for item in items)], (name, items))]
-
-    def _forget(self, peer: Peer, drop_specific: bool) -> None:
-        """Remove a peer: its credit, what it held in flight, its channels' group memberships."""
-        del self.peers[peer.rid]
-        if self.by_client.get(peer.client) == peer.rid:
-            del self.by_client[peer.client]
-        for name, held in peer.inflight.items():
-            inbox = self.inboxes.get(name)
-            if inbox is not None:
-                inbox.inflight -= held
-        for name in set(peer.credits) | set(peer.inflight):
-            inbox = self.inboxes.get(name)
-            if inbox is not None:
-                if peer.rid in inbox.ready:
-                    inbox.ready.remove(peer.rid)
-                self._gc(name)
-        if drop_specific:
-            self.groups.drop_owner(peer.client)
-            for name in [n for n in self.inboxes if owner_of(n) == peer.client]:
-                self.stats["expired"] += len(self.inboxes[name].queue)
-                del self.inboxes[name]
 
     def _compile(self, patterns) -> list[tuple[re.Pattern, int]]:
         """The channel_capacity pairs with compiled regexes; ``bad-value`` if one is invalid."""
@@ -338,38 +213,63 @@ class Router:
     # -- command handlers -------------------------------------------------------------------
 
     def _hello(self, peer_or_rid, cmd: wire.Hello, now: float) -> list[Out]:
+        delivery = self.delivery
         rid = peer_or_rid.rid if isinstance(peer_or_rid, Peer) else peer_or_rid
-        taken = self.by_client.get(cmd.client)
+        taken = delivery.by_client.get(cmd.client)
         if taken is not None and taken != rid:
             raise ProtocolError("id-taken", f"client id {cmd.client!r} is in use by a live client")
-        old = self.peers.get(rid)
+        old = delivery.peers.get(rid)
         if old is not None and old.client != cmd.client:
-            self._forget(old, drop_specific=True)
-        if rid not in self.peers:
-            self.peers[rid] = Peer(rid, cmd.client)
-        self.by_client[cmd.client] = rid
-        self.strikes.pop(rid, None)
+            self._forget(old)
+        if rid not in delivery.peers:
+            delivery.peers[rid] = Peer(rid, cmd.client)
+        delivery.by_client[cmd.client] = rid
         lim = self.limits
         out = [Out(rid, wire.ok(
             cmd.id, client=cmd.client, pub=self.pub_endpoint, version=wire.VERSION,
             max_message_size=lim.max_message_size, max_capacity=lim.max_capacity,
             max_expiry=lim.max_expiry, max_group_expiry=lim.max_group_expiry,
         ))]
-        for name, inbox in list(self.inboxes.items()):  # messages that waited for this client
-            if inbox.queue and owner_of(name) == cmd.client:
-                out += self._pump(name, inbox, now)
+        for name in [n for n, box in delivery.inboxes.items() if box.queue and owner_of(n) == cmd.client]:
+            out += delivery.kick(name, now)  # messages that waited for this client
         return out
 
     def _send(self, peer: Peer, cmd: wire.Send, now: float) -> list[Out]:
         self._check_settings(cmd.capacity, cmd.expiry)
         self._check_body(cmd.body)
         self.stats["received"] += 1
-        if not self._enqueue(cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now):
+        delivery = self.delivery
+        if not delivery.enqueue(cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now):
             raise ProtocolError(
                 "full", f"channel {cmd.channel!r} already holds its capacity of {cmd.capacity} messages",
                 channel=cmd.channel, capacity=cmd.capacity,
             )
-        return [Out(peer.rid, wire.ok(cmd.id)), *self._pump(cmd.channel, self.inboxes[cmd.channel], now)]
+        reply = wire.ok(cmd.id)
+        if cmd.want:
+            reply = wire.ok(cmd.id, grant=delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now))
+        return [Out(peer.rid, reply), *delivery.kick(cmd.channel, now)]
+
+    def _reserve(self, peer: Peer, cmd: wire.Reserve, now: float) -> list[Out]:
+        self._check_settings(cmd.capacity)
+        grant = self.delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now)
+        return [Out(peer.rid, wire.ok(cmd.id, grant=grant))]
+
+    def _post(self, peer: Peer, cmd: wire.Post, now: float) -> list[Out]:
+        self._check_settings(1, cmd.expiry)
+        self._check_body(cmd.body)
+        if not self.delivery.post(peer, cmd.channel, cmd.body, now + cmd.expiry):
+            raise ProtocolError(
+                "no-reservation",
+                f"POST to {cmd.channel!r} without a reserved slot; the message was not queued",
+                channel=cmd.channel,
+            )
+        self.stats["received"] += 1
+        return self.delivery.kick(cmd.channel, now)
+
+    def _release(self, peer: Peer, cmd: wire.Release, now: float) -> list[Out]:
+        for name, n in cmd.slots:
+            self.delivery.release(peer, name, n)
+        return []
 
     def _group_send(self, peer: Peer, cmd: wire.GroupSend, now: float) -> list[Out]:
         for capacity in (cmd.capacity, *(cap for _, cap in cmd.channel_capacity)):
@@ -377,6 +277,7 @@ class Router:
         self._check_body(cmd.body)
         patterns = self._compile(cmd.channel_capacity)  # all of them before any member is served
         self.stats["group_sends"] += 1
+        delivery = self.delivery
         out: list[Out] = []
         queued = skipped = 0
         specific = False
@@ -385,9 +286,9 @@ class Router:
                 specific = True
                 continue
             capacity = next((cap for pattern, cap in patterns if pattern.match(name)), cmd.capacity)
-            if self._enqueue(name, cmd.body, capacity, now + cmd.expiry, now):
+            if delivery.enqueue(name, cmd.body, capacity, now + cmd.expiry, now):
                 queued += 1
-                out += self._pump(name, self.inboxes[name], now)
+                out += delivery.kick(name, now)
             else:
                 skipped += 1
         self.stats["group_skipped"] += skipped
@@ -399,8 +300,9 @@ class Router:
         return [Out(peer.rid, wire.ok(cmd.id, queued=queued, full=skipped)), *out]
 
     def _marker(self, group: str, channel: str, now: float) -> Out:
-        """The ``add`` marker: proves a subscription is live and says how long membership lasts."""
-        ttl = max(0.001, self.groups.expires_at(group, channel) - now)
+        """The ``add`` marker: proves a subscription is live and says how long membership
+        lasts (``ttl`` in ms, like every ttl on the wire)."""
+        ttl = max(1, int((self.groups.expires_at(group, channel) - now) * 1000))
         return Out(PUB, [group_topic(group), wire.pack({"op": "add", "ch": channel, "ttl": ttl})])
 
     def _group_add(self, peer: Peer, cmd: wire.GroupAdd, now: float) -> list[Out]:
@@ -415,7 +317,7 @@ class Router:
         out = [Out(peer.rid, wire.ok(cmd.id))]
         owner = owner_of(cmd.channel)
         if owner is not None:
-            rid = self.by_client.get(owner)
+            rid = self.delivery.by_client.get(owner)
             if rid is not None and rid != peer.rid:
                 join = {"g": cmd.group, "ch": cmd.channel, "gexp": cmd.group_expiry}
                 out.append(Out(rid, [wire.JOIN, wire.pack(join)]))
@@ -438,9 +340,10 @@ class Router:
         return out
 
     def _flush(self, peer: Peer, cmd: wire.Flush, now: float) -> list[Out]:
-        for name in list(self.inboxes):
-            self.inboxes[name].queue.clear()
-            self._gc(name)
+        delivery = self.delivery
+        for name in list(delivery.inboxes):
+            delivery.inboxes[name].queue.clear()
+            delivery.gc(name)
         self.groups.clear()
         return [Out(peer.rid, wire.ok(cmd.id)), Out(PUB, [CONTROL_TOPIC, wire.pack({"op": "flush"})])]
 
@@ -452,34 +355,14 @@ class Router:
             raise ProtocolError(
                 "bad-value", f"{cmd.channel!r} is process-specific: its owner needs no credit"
             )
-        credit = min(MAX_CREDIT, peer.credits.get(cmd.channel, 0) + cmd.n)
-        peer.credits[cmd.channel] = credit
-        inbox = self.inboxes.setdefault(cmd.channel, Inbox())
-        if peer.rid not in inbox.ready:
-            inbox.ready.append(peer.rid)
-        return self._pump(cmd.channel, inbox, now)
+        return self.delivery.credit(peer, cmd.channel, cmd.n, now)
 
     def _ack(self, peer: Peer, cmd: wire.Ack, now: float) -> list[Out]:
         out: list[Out] = []
         for name, n in cmd.acks:
-            held = peer.inflight.get(name, 0)
-            n = min(n, held)
-            if not n:
-                continue
-            if held == n:
-                del peer.inflight[name]
-            else:
-                peer.inflight[name] = held - n
-            inbox = self.inboxes[name]
-            inbox.inflight -= n
-            if owner_of(name) is None:
-                peer.credits[name] = peer.credits.get(name, 0) + n
-                if peer.rid not in inbox.ready:
-                    inbox.ready.append(peer.rid)
-                out += self._pump(name, inbox, now)
-            self._gc(name)
+            out += self.delivery.ack(peer, name, n, now)
         return out
 
     def _bye(self, peer: Peer, cmd: wire.Bye, now: float) -> list[Out]:
-        self._forget(peer, drop_specific=True)
+        self._forget(peer)
         return []

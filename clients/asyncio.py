@@ -39,6 +39,7 @@ class AsyncClient:
         self._arrivals: dict[object, asyncio.Future] = {}
         self._drain_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None
+        self._release_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._connecting: asyncio.Future | None = None
 
@@ -92,9 +93,22 @@ class AsyncClient:
     # -- the channel layer API --------------------------------------------------------------
 
     async def send(self, channel: str, message: dict) -> None:
-        """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge."""
+        """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge.
+
+        With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
         await self.connect()
-        await self._call(*self._core.send(channel, message))
+        rid, frames = self._core.send(channel, message, time.monotonic())
+        if rid is not None:
+            await self._call(rid, frames)
+            return
+        self._check_loop()
+        self._dealer.send_multipart(frames, zmq.NOBLOCK)
+        if self._core.refilling:
+            self._drain()  # take in grants now: a sender that never yields still gets them
+        else:
+            self._flush_outgoing()
+        if self._release_timer is None:
+            self._arm_release_timer()
 
     async def group_send(self, group: str, message: dict) -> dict:
         """Send to every member of ``group``; full members are skipped, never raised."""
@@ -185,11 +199,17 @@ class AsyncClient:
         """Tell the broker goodbye and close the sockets. Safe to call twice."""
         if self._closed:
             return
+        if self._loop is not None and self._core.unconfirmed:
+            try:  # POSTs may still sit in the socket: a round trip sees them through
+                await self.ping()
+            except BusError:
+                pass
         self._closed = True
         if self._loop is None:
             return
-        if self._sync_timer is not None:
-            self._sync_timer.cancel()
+        for timer in (self._sync_timer, self._release_timer):
+            if timer is not None:
+                timer.cancel()
         for sock in (self._dealer, self._sub):
             try:
                 self._loop.remove_reader(sock.getsockopt(zmq.FD))
@@ -290,6 +310,16 @@ class AsyncClient:
             self._sync_timer = self._loop.call_at(
                 self._loop.time() + max(0.0, due - time.monotonic()), self._drain
             )
+
+    def _arm_release_timer(self) -> None:
+        self._release_timer = None
+        if self._closed:
+            return
+        due = self._core.release_idle(time.monotonic())
+        self._flush_outgoing()
+        if due is not None:
+            delay = max(0.0, due - time.monotonic())
+            self._release_timer = self._loop.call_later(delay, self._arm_release_timer)
 
     def _flush_outgoing(self) -> None:
         sent = False

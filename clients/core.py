@@ -16,6 +16,10 @@ Local state:
   acknowledged once taken or expired, in batches, so the broker's count of what a channel holds
   stays right; group messages for process-specific channels arrive on the topic and are bounded
   here by capacity.
+- ``reserved``: slots the broker reserved for this client's sends, per channel. While it has
+  one, ``send`` is a POST that needs no reply, so a sender that awaits every send still streams;
+  ``ChannelFull`` stays exact because reserved slots count as held in the broker. Slots are
+  topped up ahead of need (RESERVE) and given back after RELEASE_IDLE seconds without sends.
 - ``members``: which of this process's own channels belong to which group, and until when. A
   membership becomes active when the broker's ``add`` marker for it arrives on the topic: then
   the subscription is live, and every later group message is seen after it.
@@ -24,6 +28,7 @@ Local state:
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 import secrets
 from collections import deque
@@ -41,7 +46,11 @@ from .errors import (
     BusError, InvalidName, LimitExceeded, MessageTooLarge, from_reply,
 )
 
+log = logging.getLogger("channelbus.client")
+
 ACK_BATCH = 16
+RESERVE_WANT = 64  # slots asked for per channel; the broker grants at most half the free room
+RELEASE_IDLE = 0.25  # seconds after the last send before unused slots go back
 RECEIVE_WINDOW = 64
 SYNC_RETRY = 0.05  # first GSYNC retry after this many seconds, doubling up to SYNC_RETRY_MAX
 SYNC_RETRY_MAX = 1.0
@@ -108,6 +117,11 @@ class ClientCore:
         self.retry: dict[tuple[str, str], float] = {}
         self.subscribed: set[str] = set()
         self.ignored: set[int] = set()  # ids of requests nobody waits on (GSYNC retries)
+        self.reserved: dict[str, int] = {}  # slots reserved for POSTs, per channel
+        self.last_post: dict[str, float] = {}
+        self.granting: dict[int, str] = {}  # SEND request id -> channel (its reply grants slots)
+        self.refilling: dict[int, str] = {}  # RESERVE request id -> channel
+        self.unconfirmed = 0  # POSTs sent since the last reply: a reply confirms all before it
         self.outgoing: list[tuple[str, Any]] = []
         self.skipped = 0  # group messages dropped because a local channel was full
 
@@ -155,12 +169,51 @@ class ClientCore:
         self.pub_endpoint = header.get("pub", "")
         self.check_limits()
 
-    def send(self, channel: str, message: dict) -> tuple[int, list[bytes]]:
+    def send(self, channel: str, message: dict, now: float) -> tuple[int | None, list[bytes]]:
+        """Frames for one send. With a reserved slot on ``channel`` it is a POST (``rid`` None:
+        nothing to wait for, the room is already ours); else a SEND request that also asks for
+        slots. Tops the reservation up ahead of need with a RESERVE."""
         body = self._body(message)
-        return self._build(
+        left = self.reserved.get(channel, 0)
+        if left:
+            try:
+                frames = wire.Post(channel, self.expiry, body).frames()
+            except ProtocolError as err:
+                raise bad_name(err) from None
+            self.reserved[channel] = left - 1
+            self.last_post[channel] = now
+            self.unconfirmed += 1
+            if left - 1 <= RESERVE_WANT // 2 and channel not in self.refilling.values():
+                rid, reserve = self._build(
+                    wire.Reserve, channel=channel, capacity=self.capacity_for(channel), want=RESERVE_WANT,
+                )
+                self.refilling[rid] = channel
+                self.outgoing.append(("dealer", reserve))
+            return None, frames
+        rid, frames = self._build(
             wire.Send, channel=channel, capacity=self.capacity_for(channel), expiry=self.expiry,
-            body=body,
+            body=body, want=RESERVE_WANT,
         )
+        self.granting[rid] = channel
+        return rid, frames
+
+    def _granted(self, channel: str, header: dict, now: float) -> None:
+        grant = header.get("grant", 0)
+        if grant:
+            self.reserved[channel] = self.reserved.get(channel, 0) + grant
+            self.last_post.setdefault(channel, now)
+
+    def release_idle(self, now: float) -> float | None:
+        """Give back slots on channels not sent to for RELEASE_IDLE seconds; return when the
+        next reservation falls idle (None when none is held)."""
+        idle = [ch for ch, n in self.reserved.items() if n and now - self.last_post.get(ch, now) >= RELEASE_IDLE]
+        if idle:
+            slots = tuple((ch, self.reserved.pop(ch)) for ch in idle)
+            for ch in idle:
+                self.last_post.pop(ch, None)
+            self.outgoing.append(("dealer", wire.Release(slots).frames()))
+        held = [self.last_post.get(ch, now) for ch, n in self.reserved.items() if n]
+        return min(held) + RELEASE_IDLE if held else None
 
     def group_send(self, group: str, message: dict) -> tuple[int, list[bytes]]:
         body = self._body(message)
@@ -284,13 +337,23 @@ class ClientCore:
                 self.retry[(group, channel)] = SYNC_RETRY
             return []
         rid = header.get("id")
+        if rid is not None:
+            self.unconfirmed = 0  # the broker handles a connection's messages in order
         if verb == wire.OK:
             result = header
+            channel = self.granting.pop(rid, None) or self.refilling.get(rid)
+            if channel is not None:
+                self._granted(channel, header, now)
         else:
             result = from_reply(header)
-            if rid in self.ignored and isinstance(result, BusError):
+            self.granting.pop(rid, None)
+            if rid is None:
+                log.error("the broker refused a notice: %s", result)
+            if rid in self.ignored:
                 for key in [k for k in self.awaiting if k[1] == header.get("name")]:
                     self._leave(*key)  # the membership GSYNC asked about is gone
+        if self.refilling.pop(rid, None) is not None:
+            return []
         if rid in self.ignored:
             self.ignored.discard(rid)
             return []
@@ -311,7 +374,7 @@ class ClientCore:
         if op == "add" and self.owns(channel):
             self.awaiting.pop((group, channel), None)
             self.retry.pop((group, channel), None)
-            self.members.setdefault(group, {})[channel] = now + float(header["ttl"])
+            self.members.setdefault(group, {})[channel] = now + header["ttl"] / 1000.0
             return [("marker", group, channel)]
         if op == "discard" and self.owns(channel):
             self._leave(group, channel)

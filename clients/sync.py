@@ -67,8 +67,20 @@ class Client:
     # -- the channel layer API --------------------------------------------------------------
 
     def send(self, channel: str, message: dict) -> None:
-        """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge."""
-        self._call(*self._core.send(channel, message))
+        """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge.
+
+        With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
+        rid, frames = self._core.send(channel, message, time.monotonic())
+        if rid is not None:
+            self._call(rid, frames)
+            return
+        if self._closed:
+            raise BusError("the client is closed")
+        self._dealer.send_multipart(frames)
+        if self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._io(0)  # take in grants that arrived, so the reservation stays topped up
+        else:
+            self._flush_outgoing()
 
     def group_send(self, group: str, message: dict) -> dict:
         """Send ``message`` to every member of ``group``; full members are skipped, never raised.
@@ -142,6 +154,11 @@ class Client:
         """Tell the broker goodbye and close the sockets. Safe to call twice."""
         if self._closed:
             return
+        if self._core.unconfirmed:
+            try:  # POSTs may still sit in the socket: a round trip sees them through
+                self.ping()
+            except BusError:
+                pass
         try:
             self._dealer.send_multipart(self._core.bye(), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -177,6 +194,7 @@ class Client:
     def _io(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds for input, digest all of it, send what follows."""
         core = self._core
+        core.release_idle(time.monotonic())
         due = core.due_syncs(time.monotonic())
         if due is not None:
             until_due = max(0.0, due - time.monotonic())

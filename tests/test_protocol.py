@@ -163,6 +163,10 @@ ROUND_TRIPS = [
     wire.Flush(10),
     wire.Ping(wire.MAX_INT),
     wire.Credit("tasks", 50),
+    wire.Send(11, "tasks", 100, 60.0, BODY, 32),
+    wire.Reserve(12, "tasks", 100, 16),
+    wire.Post("tasks", 60.0, BODY),
+    wire.Release((("tasks", 3), ("other", 1))),
     wire.Ack((("tasks", 2), ("specific.abcd1234!x", 1))),
     wire.Ack(()),
     wire.Bye(),
@@ -287,6 +291,9 @@ GOOD_HEADERS = {
     "CREDIT": ({"ch": "q", "n": 1}, ()),
     "ACK": ({"acks": {"q": 1}}, ()),
     "BYE": ({}, ()),
+    "RESERVE": ({"id": 1, "ch": "q", "cap": 4, "want": 2}, ()),
+    "POST": ({"ch": "q", "exp": 1.0}, (BODY,)),
+    "RELEASE": ({"slots": {"q": 1}}, ()),
 }
 
 

@@ -17,6 +17,7 @@ ERROR_CODES = {
     "too-large": "the message body exceeds the broker's maximum message size",
     "bad-body": "the message body is not a msgpack map with a str 'type'",
     "full": "the channel already holds its capacity of messages",
+    "no-reservation": "a POST named a channel where this client holds no reserved slot",
     "not-member": "the channel is not (or no longer) a member of the group",
     "no-hello": "the first request of a connection must be HELLO",
     "id-taken": "another live client already uses this client id",

@@ -8,7 +8,7 @@ A message is a ZeroMQ multipart message ``[verb, header, body...]``:
   broker never unpacks it; it only checks its size and that its first byte opens a map.
 
 Requests carry an ``id`` (an int the client chooses) and get exactly one reply, OK or ERROR, with
-the same id. Notices (CREDIT, ACK, BYE) carry no id and get no reply unless they are malformed.
+the same id. Notices (CREDIT, ACK, POST, RELEASE, BYE) carry no id and get no reply unless they are malformed.
 ``docs/protocol.md`` is the full contract.
 """
 
@@ -17,112 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import msgpack
-
 from .errors import ProtocolError
+from .fields import (  # noqa: F401  (re-exported: the wire format in one import)
+    MAX_HEADER_SIZE, MAX_INT, VERSION, Command, Request, body_is_map, field_value, int_field,
+    no_body, one_body, pack, seconds_field, unpack_header, verb_frame,
+)
 from .names import check_channel, check_client_id, check_group
+from .notices import Ack, Bye, Credit, Post, Release  # noqa: F401
 
-VERSION = 1
-MAX_HEADER_SIZE = 64 * 1024
-MAX_INT = 2**63 - 1
 MAX_PATTERNS = 32
 MAX_PATTERN_LENGTH = 200
-
-
-def pack(header: dict) -> bytes:
-    return msgpack.packb(header, use_bin_type=True)
-
-
-def unpack_header(frame: bytes) -> dict:
-    """Decode a header frame; raise ``ProtocolError('bad-header')`` unless it is a str-keyed map."""
-    if len(frame) > MAX_HEADER_SIZE:
-        raise ProtocolError(
-            "bad-header", f"header is {len(frame)} bytes; the limit is {MAX_HEADER_SIZE}",
-            size=len(frame), limit=MAX_HEADER_SIZE,
-        )
-    try:
-        header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError("bad-header", f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("bad-header", f"header must be a msgpack map, got {type(header).__name__}")
-    if any(type(key) is not str for key in header):
-        raise ProtocolError("bad-header", "header keys must all be str")
-    return header
-
-
-def verb_frame(verb: str) -> bytes:
-    return bytes([VERSION]) + verb.encode("ascii")
-
-
-def body_is_map(body: bytes) -> bool:
-    """True when a msgpack document starts with a map (fixmap, map16 or map32)."""
-    return bool(body) and (0x80 <= body[0] <= 0x8F or body[0] in (0xDE, 0xDF))
-
-
-def _field(header: dict, key: str) -> object:
-    """A required field's value; a missing (or nil) field is a ``bad-header``."""
-    value = header.get(key)
-    if value is None:
-        raise ProtocolError("bad-header", f"the header needs field {key!r}", name=key)
-    return value
-
-
-def _int(header: dict, key: str, *, low: int = 0, default: int | None = None) -> int:
-    value = header.get(key, default)
-    if type(value) is not int or not low <= value <= MAX_INT:
-        raise ProtocolError(
-            "bad-header" if value is None else "bad-value",
-            f"field {key!r} must be an int from {low} to {MAX_INT}; got {value!r}",
-            name=key,
-        )
-    return value
-
-
-def _number(header: dict, key: str) -> float:
-    value = _field(header, key)
-    if type(value) not in (int, float) or not 0 < value <= 10**9:
-        raise ProtocolError(
-            "bad-value", f"field {key!r} must be a number of seconds above 0; got {value!r}",
-            name=key,
-        )
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Command:
-    """Base of every client-to-broker command."""
-
-    VERB: ClassVar[str] = ""
-
-    @classmethod
-    def from_wire(cls, header: dict, body: tuple[bytes, ...]) -> "Command":
-        raise NotImplementedError
-
-    def header(self) -> dict:
-        raise NotImplementedError
-
-    def frames(self) -> list[bytes]:
-        return [verb_frame(self.VERB), pack(self.header())]
-
-
-@dataclass(frozen=True)
-class Request(Command):
-    id: int
-
-    def __post_init__(self) -> None:
-        _int({"id": self.id}, "id")
-
-
-def _one_body(verb: str, body: tuple[bytes, ...]) -> bytes:
-    if len(body) != 1:
-        raise ProtocolError("bad-frame", f"{verb} takes exactly one body frame, got {len(body)}")
-    return body[0]
-
-
-def _no_body(verb: str, body: tuple[bytes, ...]) -> None:
-    if body:
-        raise ProtocolError("bad-frame", f"{verb} takes no body frame, got {len(body)}")
 
 
 @dataclass(frozen=True)
@@ -138,8 +42,8 @@ class Hello(Request):
 
     @classmethod
     def from_wire(cls, header, body):
-        _no_body(cls.VERB, body)
-        return cls(_int(header, "id"), _field(header, "client"))
+        no_body(cls.VERB, body)
+        return cls(int_field(header, "id"), field_value(header, "client"))
 
     def header(self):
         return {"id": self.id, "client": self.client}
@@ -154,24 +58,59 @@ class Send(Request):
     capacity: int = 100
     expiry: float = 60.0
     body: bytes = b""
+    want: int = 0  # also reserve up to this many slots for POSTs; the reply's ``grant`` says how many
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_channel(self.channel)
-        _int({"cap": self.capacity}, "cap", low=1)
+        int_field({"cap": self.capacity}, "cap", low=1)
+        int_field({"want": self.want}, "want")
 
     @classmethod
     def from_wire(cls, header, body):
         return cls(
-            _int(header, "id"), _field(header, "ch"), _int(header, "cap", low=1),
-            _number(header, "exp"), _one_body(cls.VERB, body),
+            int_field(header, "id"), field_value(header, "ch"), int_field(header, "cap", low=1),
+            seconds_field(header, "exp"), one_body(cls.VERB, body), int_field(header, "want", default=0),
         )
 
     def header(self):
-        return {"id": self.id, "ch": self.channel, "cap": self.capacity, "exp": self.expiry}
+        header = {"id": self.id, "ch": self.channel, "cap": self.capacity, "exp": self.expiry}
+        if self.want:
+            header["want"] = self.want
+        return header
 
     def frames(self):
         return [verb_frame(self.VERB), pack(self.header()), self.body]
+
+
+@dataclass(frozen=True)
+class Reserve(Request):
+    """Reserve up to ``want`` slots on ``channel`` (capacity ``capacity``) for later POSTs.
+
+    The reply's ``grant`` is how many were reserved: at most half of the free room, 0 when the
+    channel is (nearly) full, which is not an error."""
+
+    VERB: ClassVar[str] = "RESERVE"
+    channel: str = ""
+    capacity: int = 100
+    want: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_channel(self.channel)
+        int_field({"cap": self.capacity}, "cap", low=1)
+        int_field({"want": self.want}, "want", low=1)
+
+    @classmethod
+    def from_wire(cls, header, body):
+        no_body(cls.VERB, body)
+        return cls(
+            int_field(header, "id"), field_value(header, "ch"), int_field(header, "cap", low=1),
+            int_field(header, "want", low=1),
+        )
+
+    def header(self):
+        return {"id": self.id, "ch": self.channel, "cap": self.capacity, "want": self.want}
 
 
 @dataclass(frozen=True)
@@ -192,7 +131,7 @@ class GroupSend(Request):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_group(self.group)
-        _int({"cap": self.capacity}, "cap", low=1)
+        int_field({"cap": self.capacity}, "cap", low=1)
         if len(self.channel_capacity) > MAX_PATTERNS:
             raise ProtocolError(
                 "bad-value", f"at most {MAX_PATTERNS} channel_capacity patterns are allowed",
@@ -209,7 +148,7 @@ class GroupSend(Request):
                     f" at most {MAX_PATTERN_LENGTH} characters; got {pair!r}",
                     limit=MAX_PATTERN_LENGTH,
                 )
-            _int({"cap": pair[1]}, "cap", low=1)
+            int_field({"cap": pair[1]}, "cap", low=1)
 
     @classmethod
     def from_wire(cls, header, body):
@@ -217,9 +156,9 @@ class GroupSend(Request):
         if not isinstance(patterns, list):
             raise ProtocolError("bad-value", "field 'ccap' must be a list of [regex, capacity]")
         return cls(
-            _int(header, "id"), _field(header, "g"), _int(header, "cap", low=1),
-            _number(header, "exp"), tuple(tuple(p) if isinstance(p, list) else p for p in patterns),
-            _one_body(cls.VERB, body),
+            int_field(header, "id"), field_value(header, "g"), int_field(header, "cap", low=1),
+            seconds_field(header, "exp"), tuple(tuple(p) if isinstance(p, list) else p for p in patterns),
+            one_body(cls.VERB, body),
         )
 
     def header(self):
@@ -244,8 +183,8 @@ class _Membership(Request):
 
     @classmethod
     def from_wire(cls, header, body):
-        _no_body(cls.VERB, body)
-        return cls(_int(header, "id"), _field(header, "g"), _field(header, "ch"))
+        no_body(cls.VERB, body)
+        return cls(int_field(header, "id"), field_value(header, "g"), field_value(header, "ch"))
 
     def header(self):
         return {"id": self.id, "g": self.group, "ch": self.channel}
@@ -260,9 +199,9 @@ class GroupAdd(_Membership):
 
     @classmethod
     def from_wire(cls, header, body):
-        _no_body(cls.VERB, body)
+        no_body(cls.VERB, body)
         return cls(
-            _int(header, "id"), _field(header, "g"), _field(header, "ch"), _number(header, "gexp")
+            int_field(header, "id"), field_value(header, "g"), field_value(header, "ch"), seconds_field(header, "gexp")
         )
 
     def header(self):
@@ -291,8 +230,8 @@ class Flush(Request):
 
     @classmethod
     def from_wire(cls, header, body):
-        _no_body(cls.VERB, body)
-        return cls(_int(header, "id"))
+        no_body(cls.VERB, body)
+        return cls(int_field(header, "id"))
 
     def header(self):
         return {"id": self.id}
@@ -304,75 +243,10 @@ class Ping(Flush):
 
     VERB: ClassVar[str] = "PING"
 
-
-@dataclass(frozen=True)
-class Credit(Command):
-    """Notice: this client will take ``n`` more messages from the normal channel ``channel``."""
-
-    VERB: ClassVar[str] = "CREDIT"
-    channel: str = ""
-    n: int = 0
-
-    def __post_init__(self) -> None:
-        check_channel(self.channel)
-        _int({"n": self.n}, "n", low=1)
-
-    @classmethod
-    def from_wire(cls, header, body):
-        _no_body(cls.VERB, body)
-        return cls(_field(header, "ch"), _int(header, "n", low=1))
-
-    def header(self):
-        return {"ch": self.channel, "n": self.n}
-
-
-@dataclass(frozen=True)
-class Ack(Command):
-    """Notice: the application consumed (or found expired) this many delivered messages.
-
-    ``acks`` is a tuple of (channel, count). For a normal channel an ack also returns that
-    much credit.
-    """
-
-    VERB: ClassVar[str] = "ACK"
-    acks: tuple[tuple[str, int], ...] = ()
-
-    def __post_init__(self) -> None:
-        for channel, n in self.acks:
-            check_channel(channel)
-            _int({"n": n}, "n", low=1)
-
-    @classmethod
-    def from_wire(cls, header, body):
-        _no_body(cls.VERB, body)
-        acks = header.get("acks")
-        if not isinstance(acks, dict):
-            raise ProtocolError("bad-header", "ACK needs field 'acks': a map of channel to count")
-        return cls(tuple(acks.items()))
-
-    def header(self):
-        return {"acks": dict(self.acks)}
-
-
-@dataclass(frozen=True)
-class Bye(Command):
-    """Notice: the client is closing; forget it now rather than at its heartbeat timeout."""
-
-    VERB: ClassVar[str] = "BYE"
-
-    @classmethod
-    def from_wire(cls, header, body):
-        _no_body(cls.VERB, body)
-        return cls()
-
-    def header(self):
-        return {}
-
-
 COMMANDS: dict[bytes, type[Command]] = {
     verb_frame(cls.VERB): cls
-    for cls in (Hello, Send, GroupSend, GroupAdd, GroupSync, GroupDiscard, Flush, Ping,
-                Credit, Ack, Bye)
+    for cls in (Hello, Send, Reserve, GroupSend, GroupAdd, GroupSync, GroupDiscard, Flush, Ping,
+                Credit, Ack, Bye, Post, Release)
 }
 
 

@@ -1,0 +1,289 @@
+"""Inboxes, peers, credit and reservations: who holds what. Pure state, no sockets, no clock.
+
+Theory of operation
+-------------------
+Every channel with something in it has an ``Inbox``: a FIFO of ``(body, expires_at)``, a count
+of messages *in flight* (pushed to a client, not yet acknowledged as consumed) and a count of
+slots *reserved* by senders. Its depth, ``len(queue) + inflight + reserved``, never exceeds the
+capacity a sender asked for: that is what makes ``full`` exact even for pipelined sends.
+
+- A normal channel's messages go to the peers that granted credit for it, round robin, each
+  message to exactly one; every ACK returns the credit it consumed.
+- A process-specific channel's messages go straight to the connected peer whose client id the
+  name carries; capacity alone bounds what it holds. With that peer absent they wait.
+- A sender may reserve slots (SEND ``want``, RESERVE) and then POST into them without waiting
+  for a reply; unused slots go back with RELEASE, or when the peer leaves.
+- Expired messages are dropped, never delivered; pushes carry the time left in ms.
+- An inbox with nothing queued, in flight or reserved and no credit is deleted.
+- While ``batching`` is on, channels that received something are pumped once at ``end_batch``,
+  so a burst of sends becomes one MSG per receiver instead of one per message.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .protocol import wire
+from .protocol.names import owner_of
+
+MAX_CREDIT = 100_000
+BLOCKED_RETRY = 0.05  # seconds before retrying a peer whose socket queue was full
+
+
+class Out(NamedTuple):
+    dest: bytes | None  # a routing id, or None for the publisher
+    frames: list[bytes]
+    push: tuple[str, list] | None = None  # (channel, items) of a MSG, so a failed send requeues
+
+
+@dataclass
+class Peer:
+    rid: bytes
+    client: str
+    credits: dict[str, int] = field(default_factory=dict)
+    inflight: dict[str, int] = field(default_factory=dict)
+    reserved: dict[str, int] = field(default_factory=dict)
+    blocked_until: float = 0.0
+
+
+@dataclass
+class Inbox:
+    queue: deque = field(default_factory=deque)
+    inflight: int = 0
+    reserved: int = 0
+    ready: deque = field(default_factory=deque)  # routing ids with credit, round robin
+
+    def depth(self) -> int:
+        return len(self.queue) + self.inflight + self.reserved
+
+
+def _take(counts: dict[str, int], name: str, n: int) -> int:
+    """Subtract up to ``n`` from ``counts[name]`` (deleting it at 0); return what was taken."""
+    held = counts.get(name, 0)
+    n = min(n, held)
+    if n == held:
+        counts.pop(name, None)
+    else:
+        counts[name] = held - n
+    return n
+
+
+class Delivery:
+    def __init__(self, stats: dict[str, int]) -> None:
+        self.stats = stats
+        self.peers: dict[bytes, Peer] = {}
+        self.by_client: dict[str, bytes] = {}
+        self.inboxes: dict[str, Inbox] = {}
+        self.stalled: set[str] = set()
+        self._dirty: set[str] | None = None
+
+    # -- batching -------------------------------------------------------------------------
+
+    def begin_batch(self) -> None:
+        self._dirty = set()
+
+    def end_batch(self, now: float) -> list[Out]:
+        dirty, self._dirty = self._dirty or set(), None
+        out: list[Out] = []
+        for name in dirty:
+            inbox = self.inboxes.get(name)
+            if inbox is not None:
+                out += self.pump(name, inbox, now)
+        return out
+
+    def kick(self, name: str, now: float) -> list[Out]:
+        """Deliver what ``name`` holds now, or at the end of the batch."""
+        if self._dirty is not None:
+            self._dirty.add(name)
+            return []
+        inbox = self.inboxes.get(name)
+        return self.pump(name, inbox, now) if inbox is not None else []
+
+    # -- queueing -------------------------------------------------------------------------
+
+    def inbox(self, name: str) -> Inbox:
+        inbox = self.inboxes.get(name)
+        if inbox is None:
+            inbox = self.inboxes[name] = Inbox()
+        return inbox
+
+    def enqueue(self, name: str, body: bytes, capacity: int, expires_at: float, now: float) -> bool:
+        """Queue ``body`` unless the channel holds ``capacity``; return whether it was queued."""
+        inbox = self.inbox(name)
+        if inbox.depth() >= capacity:
+            self.purge(inbox, now)
+            if inbox.depth() >= capacity:
+                self.stats["full"] += 1
+                self.gc(name)
+                return False
+        inbox.queue.append((body, expires_at))
+        return True
+
+    def reserve(self, peer: Peer, name: str, capacity: int, want: int, now: float) -> int:
+        """Reserve up to ``want`` slots for ``peer``, at most half of what is free; return them."""
+        inbox = self.inbox(name)
+        free = capacity - inbox.depth()
+        if free < 2 * want and inbox.queue:
+            self.purge(inbox, now)
+            free = capacity - inbox.depth()
+        grant = max(0, min(want, free // 2))
+        if grant:
+            inbox.reserved += grant
+            peer.reserved[name] = peer.reserved.get(name, 0) + grant
+        else:
+            self.gc(name)
+        return grant
+
+    def post(self, peer: Peer, name: str, body: bytes, expires_at: float) -> bool:
+        """Queue ``body`` into a slot ``peer`` reserved; False if it holds none."""
+        if not _take(peer.reserved, name, 1):
+            return False
+        inbox = self.inboxes[name]
+        inbox.reserved -= 1
+        inbox.queue.append((body, expires_at))
+        return True
+
+    def release(self, peer: Peer, name: str, n: int) -> None:
+        n = _take(peer.reserved, name, n)
+        inbox = self.inboxes.get(name)
+        if n and inbox is not None:
+            inbox.reserved -= n
+            self.gc(name)
+
+    def purge(self, inbox: Inbox, now: float) -> None:
+        live = deque(item for item in inbox.queue if item[1] > now)
+        self.stats["expired"] += len(inbox.queue) - len(live)
+        inbox.queue = live
+
+    def gc(self, name: str) -> None:
+        inbox = self.inboxes[name]
+        if not inbox.queue and not inbox.inflight and not inbox.reserved and not inbox.ready:
+            del self.inboxes[name]
+
+    # -- credit and acknowledgements ------------------------------------------------------
+
+    def credit(self, peer: Peer, name: str, n: int, now: float) -> list[Out]:
+        peer.credits[name] = min(MAX_CREDIT, peer.credits.get(name, 0) + n)
+        inbox = self.inbox(name)
+        if peer.rid not in inbox.ready:
+            inbox.ready.append(peer.rid)
+        return self.kick(name, now)
+
+    def ack(self, peer: Peer, name: str, n: int, now: float) -> list[Out]:
+        n = _take(peer.inflight, name, n)
+        if not n:
+            return []
+        self.inboxes[name].inflight -= n
+        if owner_of(name) is None:
+            return self.credit(peer, name, n, now)
+        self.gc(name)
+        return []
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def pump(self, name: str, inbox: Inbox, now: float) -> list[Out]:
+        """Push what ``name`` has queued to whoever may take it."""
+        out: list[Out] = []
+        owner = owner_of(name)
+        if owner is not None:
+            rid = self.by_client.get(owner)
+            if rid is not None and inbox.queue:
+                out += self._push(self.peers[rid], name, inbox, len(inbox.queue), now)
+            return out
+        while inbox.queue and inbox.ready:
+            rid = inbox.ready.popleft()
+            peer = self.peers.get(rid)
+            credit = peer.credits.get(name, 0) if peer else 0
+            if credit <= 0:
+                continue
+            pushed = self._push(peer, name, inbox, credit, now)
+            out += pushed
+            if pushed:
+                peer.credits[name] = credit - len(pushed[0].push[1])
+            if peer.credits.get(name, 0) > 0:
+                inbox.ready.append(rid)
+            if not pushed:
+                break
+        return out
+
+    def _push(self, peer: Peer, name: str, inbox: Inbox, n: int, now: float) -> list[Out]:
+        if peer.blocked_until > now:
+            self.stalled.add(name)
+            return []
+        items, ttls = [], []
+        queue = inbox.queue
+        while queue and len(items) < n:
+            item = queue.popleft()
+            if item[1] <= now:
+                self.stats["expired"] += 1
+                continue
+            items.append(item)
+            ttls.append(max(1, int((item[1] - now) * 1000)))
+        if not items:
+            return []
+        inbox.inflight += len(items)
+        peer.inflight[name] = peer.inflight.get(name, 0) + len(items)
+        self.stats["delivered"] += len(items)
+        header = wire.pack({"ch": name, "ttl": ttls})
+        return [Out(peer.rid, [wire.MSG, header, *(item[0] for item in items)], (name, items))]
+
+    def unsent(self, rid: bytes, push: tuple[str, list], now: float) -> Peer | None:
+        """A MSG could not be sent: requeue its items at the front; return the peer, if known."""
+        channel, items = push
+        inbox = self.inbox(channel)
+        inbox.queue.extendleft(reversed(items))
+        peer = self.peers.get(rid)
+        if peer is not None:  # (a forgotten peer's in-flight count was already released)
+            inbox.inflight -= len(items)
+            _take(peer.inflight, channel, len(items))
+            if owner_of(channel) is None:
+                peer.credits[channel] = peer.credits.get(channel, 0) + len(items)
+                if rid not in inbox.ready:  # its credit is back, so it must be offered again
+                    inbox.ready.append(rid)
+            peer.blocked_until = now + BLOCKED_RETRY
+        self.stalled.add(channel)  # retry at the next tick, to this peer or another receiver
+        self.stats["delivered"] -= len(items)
+        return peer
+
+    def forget(self, peer: Peer, drop_specific: bool) -> None:
+        """Remove a peer: its credit, what it held in flight or reserved, and (if
+        ``drop_specific``) the messages waiting for its process-specific channels."""
+        del self.peers[peer.rid]
+        if self.by_client.get(peer.client) == peer.rid:
+            del self.by_client[peer.client]
+        for name, held in peer.inflight.items():
+            inbox = self.inboxes.get(name)
+            if inbox is not None:
+                inbox.inflight -= held
+        for name, held in peer.reserved.items():
+            inbox = self.inboxes.get(name)
+            if inbox is not None:
+                inbox.reserved -= held
+        for name in set(peer.credits) | set(peer.inflight) | set(peer.reserved):
+            inbox = self.inboxes.get(name)
+            if inbox is not None:
+                if peer.rid in inbox.ready:
+                    inbox.ready.remove(peer.rid)
+                self.gc(name)
+        if drop_specific:
+            for name in [n for n in self.inboxes if owner_of(n) == peer.client]:
+                inbox = self.inboxes[name]
+                self.stats["expired"] += len(inbox.queue)
+                inbox.queue.clear()
+                self.gc(name)  # (kept while another sender still holds reserved slots)
+
+    def tick(self, now: float) -> list[Out]:
+        """Purge expired messages, delete idle inboxes, retry stalled deliveries."""
+        for name in list(self.inboxes):
+            inbox = self.inboxes[name]
+            if inbox.queue:
+                self.purge(inbox, now)
+            self.gc(name)
+        out: list[Out] = []
+        stalled, self.stalled = self.stalled, set()
+        for name in stalled:
+            if name in self.inboxes:
+                out += self.pump(name, self.inboxes[name], now)
+        return out

@@ -1,0 +1,122 @@
+"""Notices: client-to-broker commands with no request id and no reply (unless malformed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import ProtocolError
+from .fields import Command, field_value, int_field, no_body, one_body, pack, seconds_field, verb_frame
+from .names import check_channel
+
+
+@dataclass(frozen=True)
+class Credit(Command):
+    """Notice: this client will take ``n`` more messages from the normal channel ``channel``."""
+
+    VERB: ClassVar[str] = "CREDIT"
+    channel: str = ""
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        check_channel(self.channel)
+        int_field({"n": self.n}, "n", low=1)
+
+    @classmethod
+    def from_wire(cls, header, body):
+        no_body(cls.VERB, body)
+        return cls(field_value(header, "ch"), int_field(header, "n", low=1))
+
+    def header(self):
+        return {"ch": self.channel, "n": self.n}
+
+
+@dataclass(frozen=True)
+class Ack(Command):
+    """Notice: the application consumed (or found expired) this many delivered messages.
+
+    ``acks`` is a tuple of (channel, count). For a normal channel an ack also returns that
+    much credit.
+    """
+
+    VERB: ClassVar[str] = "ACK"
+    acks: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for channel, n in self.acks:
+            check_channel(channel)
+            int_field({"n": n}, "n", low=1)
+
+    @classmethod
+    def from_wire(cls, header, body):
+        no_body(cls.VERB, body)
+        acks = header.get("acks")
+        if not isinstance(acks, dict):
+            raise ProtocolError("bad-header", "ACK needs field 'acks': a map of channel to count")
+        return cls(tuple(acks.items()))
+
+    def header(self):
+        return {"acks": dict(self.acks)}
+
+
+@dataclass(frozen=True)
+class Bye(Command):
+    """Notice: the client is closing; forget it now rather than at its heartbeat timeout."""
+
+    VERB: ClassVar[str] = "BYE"
+
+    @classmethod
+    def from_wire(cls, header, body):
+        no_body(cls.VERB, body)
+        return cls()
+
+    def header(self):
+        return {}
+
+
+@dataclass(frozen=True)
+class Post(Command):
+    """Notice: queue ``body`` on ``channel`` in a slot this client reserved (SEND ``want`` or
+    RESERVE). No reply: the reservation already guaranteed the room."""
+
+    VERB: ClassVar[str] = "POST"
+    channel: str = ""
+    expiry: float = 60.0
+    body: bytes = b""
+
+    def __post_init__(self) -> None:
+        check_channel(self.channel)
+
+    @classmethod
+    def from_wire(cls, header, body):
+        return cls(field_value(header, "ch"), seconds_field(header, "exp"), one_body(cls.VERB, body))
+
+    def header(self):
+        return {"ch": self.channel, "exp": self.expiry}
+
+    def frames(self):
+        return [verb_frame(self.VERB), pack(self.header()), self.body]
+
+
+@dataclass(frozen=True)
+class Release(Command):
+    """Notice: give back reserved slots this client will not use, as (channel, count) pairs."""
+
+    VERB: ClassVar[str] = "RELEASE"
+    slots: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for channel, n in self.slots:
+            check_channel(channel)
+            int_field({"n": n}, "n", low=1)
+
+    @classmethod
+    def from_wire(cls, header, body):
+        no_body(cls.VERB, body)
+        slots = header.get("slots")
+        if not isinstance(slots, dict):
+            raise ProtocolError("bad-header", "RELEASE needs field 'slots': a map of channel to count")
+        return cls(tuple(slots.items()))
+
+    def header(self):
+        return {"slots": dict(self.slots)}
