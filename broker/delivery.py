@@ -13,7 +13,8 @@ capacity a sender asked for: that is what makes ``full`` exact even for pipeline
   name carries; capacity alone bounds what it holds. With that peer absent they wait.
 - A sender may reserve slots (SEND ``want``, RESERVE) and then POST into them without waiting
   for a reply; unused slots go back with RELEASE, or when the peer leaves.
-- Expired messages are dropped, never delivered; pushes carry the time left in ms.
+- Expired messages are dropped, never delivered; pushes carry the time left in ms (``ttl``)
+  and the broker's wall clock (``at``), so a client can discount time spent in its socket.
 - An inbox with nothing queued, in flight or reserved and no credit is deleted.
 - While ``batching`` is on, channels that received something are pumped once at ``end_batch``,
   so a burst of sends becomes one MSG per receiver instead of one per message.
@@ -71,8 +72,9 @@ def _take(counts: dict[str, int], name: str, n: int) -> int:
 
 
 class Delivery:
-    def __init__(self, stats: dict[str, int]) -> None:
+    def __init__(self, stats: dict[str, int], wall_offset: float = 0.0) -> None:
         self.stats = stats
+        self.wall_offset = wall_offset
         self.peers: dict[bytes, Peer] = {}
         self.by_client: dict[str, bytes] = {}
         self.inboxes: dict[str, Inbox] = {}
@@ -226,7 +228,7 @@ class Delivery:
         inbox.inflight += len(items)
         peer.inflight[name] = peer.inflight.get(name, 0) + len(items)
         self.stats["delivered"] += len(items)
-        header = wire.pack({"ch": name, "ttl": ttls})
+        header = wire.pack({"ch": name, "ttl": ttls, "at": now + self.wall_offset})
         return [Out(peer.rid, [wire.MSG, header, *(item[0] for item in items)], (name, items))]
 
     def unsent(self, rid: bytes, push: tuple[str, list], now: float) -> Peer | None:

@@ -35,7 +35,8 @@ from .protocol.names import CONTROL_TOPIC, group_topic, owner_of
 
 PUB = None  # Out.dest for the publisher socket
 GROUP_SWEEP_SECONDS = 5.0  # group_send also drops expired members of the group it reaches
-REFUSALS = ("full", "limit", "too-large", "not-member", "id-taken")  # answered, not held against the peer
+REFUSALS = ("full", "limit", "too-large", "not-member", "id-taken")
+JOIN_TIMEOUT = 5.0  # seconds a GADD for another client's channel waits for that client's JOINED  # answered, not held against the peer
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,19 @@ class Limits:
 
 
 class Router:
-    def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "") -> None:
+    def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "", wall_offset: float = 0.0) -> None:
+        """``wall_offset`` turns the monotonic ``now`` into wall-clock seconds for the ``at`` and
+        ``time`` fields, which let clients discount time a message spent in their socket."""
         self.limits = limits
         self.pub_endpoint = pub_endpoint
+        self.wall_offset = wall_offset
         self.stats = dict.fromkeys(
             ("received", "delivered", "full", "expired", "too_large", "bad_frames",
              "group_sends", "group_skipped"), 0,
         )
-        self.delivery = Delivery(self.stats)
+        self.delivery = Delivery(self.stats, wall_offset)
+        # (owner client, group, channel) -> GADDs waiting for the owner's JOINED: [(rid, id, deadline)]
+        self.joining: dict[tuple[str, str, str], list[tuple[bytes, int, float]]] = {}
         self.groups = Groups()
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
@@ -70,7 +76,7 @@ class Router:
             wire.GroupAdd: self._group_add, wire.GroupSync: self._group_sync,
             wire.GroupDiscard: self._group_discard, wire.Flush: self._flush,
             wire.Ping: self._ping, wire.Credit: self._credit, wire.Ack: self._ack,
-            wire.Bye: self._bye,
+            wire.Bye: self._bye, wire.Joined: self._joined,
         }
 
     @property
@@ -122,28 +128,50 @@ class Router:
         if now >= self._next_group_sweep:
             self.groups.expire(now)
             self._next_group_sweep = now + GROUP_SWEEP_SECONDS
-        return self.delivery.tick(now)
+        out = self.delivery.tick(now)
+        for key in [k for k, waiters in self.joining.items() if any(w[2] <= now for w in waiters)]:
+            late = [w for w in self.joining[key] if w[2] <= now]
+            self.joining[key] = [w for w in self.joining[key] if w[2] > now]
+            if not self.joining[key]:
+                del self.joining[key]
+            out += self._unconfirmed(key, late, f"did not confirm within {JOIN_TIMEOUT:g} s")
+        return out
 
-    def unsent(self, rid: bytes, push: tuple[str, list], now: float, gone: bool) -> None:
+    def _unconfirmed(self, key, waiters, why: str) -> list[Out]:
+        client, group, channel = key
+        err = ProtocolError(
+            "unconfirmed",
+            f"the membership of {channel!r} in {group!r} is recorded, but its owner {client!r} {why};"
+            " until it subscribes, group messages may miss it",
+            name=channel,
+        )
+        return [Out(rid, wire.error(request_id, err)) for rid, request_id, _ in waiters]
+
+    def unsent(self, rid: bytes, push: tuple[str, list], now: float, gone: bool) -> list[Out]:
         """The server could not send a MSG: requeue its items at the front of the inbox.
 
         ``gone`` says the peer has vanished (forget it) rather than being momentarily full.
         """
         peer = self.delivery.unsent(rid, push, now)
         if gone and peer is not None:
-            self._forget(peer)
+            return self._forget(peer)
+        return []
 
-    def peer_gone(self, rid: bytes) -> None:
-        """Forget a peer that vanished (heartbeat timeout or unroutable)."""
+    def peer_gone(self, rid: bytes) -> list[Out]:
+        """Forget a peer that vanished (heartbeat timeout or unroutable); return what to send."""
         peer = self.delivery.peers.get(rid)
-        if peer is not None:
-            self._forget(peer)
+        return self._forget(peer) if peer is not None else []
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _forget(self, peer: Peer) -> None:
+    def _forget(self, peer: Peer) -> list[Out]:
+        """Drop a peer and everything of its; answer GADDs that waited for it."""
         self.delivery.forget(peer, drop_specific=True)
         self.groups.drop_owner(peer.client)
+        out: list[Out] = []
+        for key in [k for k in self.joining if k[0] == peer.client]:
+            out += self._unconfirmed(key, self.joining.pop(key), "disconnected")
+        return out
 
     def _strike(self, rid: bytes, err: ProtocolError, now: float, request_id=None) -> list[Out]:
         self.stats["bad_frames"] += 1
@@ -157,14 +185,14 @@ class Router:
             del self.strikes[rid]
             self.banned[rid] = now + self.limits.ban_seconds
             peer = self.delivery.peers.get(rid)
-            if peer is not None:
-                self._forget(peer)
+            forgotten = self._forget(peer) if peer is not None else []
             err = ProtocolError(
                 "banned",
                 f"more than {self.limits.max_bad_frames} bad messages; ignoring this peer for"
                 f" {self.limits.ban_seconds:g} s. Last problem: {err.message}",
                 limit=self.limits.max_bad_frames,
             )
+            return [Out(rid, wire.error(request_id, err)), *forgotten]
         return [Out(rid, wire.error(request_id, err))]
 
     def _check_settings(self, capacity: int, expiry: float | None = None) -> None:
@@ -219,17 +247,17 @@ class Router:
         if taken is not None and taken != rid:
             raise ProtocolError("id-taken", f"client id {cmd.client!r} is in use by a live client")
         old = delivery.peers.get(rid)
-        if old is not None and old.client != cmd.client:
-            self._forget(old)
+        out = self._forget(old) if old is not None and old.client != cmd.client else []
         if rid not in delivery.peers:
             delivery.peers[rid] = Peer(rid, cmd.client)
         delivery.by_client[cmd.client] = rid
         lim = self.limits
-        out = [Out(rid, wire.ok(
+        out.append(Out(rid, wire.ok(
             cmd.id, client=cmd.client, pub=self.pub_endpoint, version=wire.VERSION,
             max_message_size=lim.max_message_size, max_capacity=lim.max_capacity,
             max_expiry=lim.max_expiry, max_group_expiry=lim.max_group_expiry,
-        ))]
+            time=now + self.wall_offset,
+        )))
         for name in [n for n, box in delivery.inboxes.items() if box.queue and owner_of(n) == cmd.client]:
             out += delivery.kick(name, now)  # messages that waited for this client
         return out
@@ -293,7 +321,8 @@ class Router:
                 skipped += 1
         self.stats["group_skipped"] += skipped
         if specific:
-            header = {"op": "msg", "ttl": int(cmd.expiry * 1000), "cap": cmd.capacity}
+            header = {"op": "msg", "ttl": int(cmd.expiry * 1000), "at": now + self.wall_offset,
+                      "cap": cmd.capacity}
             if cmd.channel_capacity:
                 header["ccap"] = [list(p) for p in cmd.channel_capacity]
             out.append(Out(PUB, [group_topic(cmd.group), wire.pack(header), cmd.body]))
@@ -314,15 +343,24 @@ class Router:
                 name="group_expiry", limit=self.limits.max_group_expiry,
             )
         self.groups.add(cmd.group, cmd.channel, now + cmd.group_expiry)
-        out = [Out(peer.rid, wire.ok(cmd.id))]
         owner = owner_of(cmd.channel)
-        if owner is not None:
-            rid = self.delivery.by_client.get(owner)
-            if rid is not None and rid != peer.rid:
-                join = {"g": cmd.group, "ch": cmd.channel, "gexp": cmd.group_expiry}
-                out.append(Out(rid, [wire.JOIN, wire.pack(join)]))
-            out.append(self._marker(cmd.group, cmd.channel, now))
-        return out
+        if owner is None:
+            return [Out(peer.rid, wire.ok(cmd.id))]
+        rid = self.delivery.by_client.get(owner)
+        if rid is None or rid == peer.rid:
+            # The caller owns the channel (it waits for the marker itself), or no owner is
+            # connected (it will subscribe when it comes).
+            return [Out(peer.rid, wire.ok(cmd.id)), self._marker(cmd.group, cmd.channel, now)]
+        # Another live client owns it: answer once that client's subscription is live, so that
+        # every group_send after this GADD returns reaches the channel.
+        key = (owner, cmd.group, cmd.channel)
+        self.joining.setdefault(key, []).append((peer.rid, cmd.id, now + JOIN_TIMEOUT))
+        join = {"g": cmd.group, "ch": cmd.channel, "gexp": cmd.group_expiry}
+        return [Out(rid, [wire.JOIN, wire.pack(join)])]
+
+    def _joined(self, peer: Peer, cmd: wire.Joined, now: float) -> list[Out]:
+        waiters = self.joining.pop((peer.client, cmd.group, cmd.channel), [])
+        return [Out(rid, wire.ok(request_id)) for rid, request_id, _ in waiters]
 
     def _group_sync(self, peer: Peer, cmd: wire.GroupSync, now: float) -> list[Out]:
         if not self.groups.is_member(cmd.group, cmd.channel, now):
@@ -364,5 +402,4 @@ class Router:
         return out
 
     def _bye(self, peer: Peer, cmd: wire.Bye, now: float) -> list[Out]:
-        self._forget(peer)
-        return []
+        return self._forget(peer)

@@ -72,7 +72,7 @@ class BrokerServer:
         self.endpoint = _unmapped(self._commands.getsockopt_string(zmq.LAST_ENDPOINT))
         self.pub_endpoint = _unmapped(self._publisher.getsockopt_string(zmq.LAST_ENDPOINT))
         advertised = self.config.advertise or self.pub_endpoint
-        self.router = Router(self.config.limits(), advertised)
+        self.router = Router(self.config.limits(), advertised, wall_offset=time.time() - time.monotonic())
         if not self.config.advertise and _wildcard_host(self.pub_endpoint):
             log.info("publisher bound to all interfaces: clients dial it on the host they used")
         return self
@@ -167,9 +167,9 @@ class BrokerServer:
                 if exc.errno != errno.EHOSTUNREACH:
                     raise
                 if push is not None:
-                    self.router.unsent(dest, push, now, gone=True)
+                    self._send(self.router.unsent(dest, push, now, gone=True), now)
                 else:
-                    self.router.peer_gone(dest)
+                    self._send(self.router.peer_gone(dest), now)
 
 
 def start_in_thread(config: BrokerConfig, context: zmq.Context | None = None) -> tuple[BrokerServer, threading.Thread]:

@@ -86,7 +86,7 @@ class AsyncClient:
         self._dealer.connect(self.url)
         self._loop.add_reader(self._dealer.getsockopt(zmq.FD), self._schedule_drain)
         self._loop.add_reader(self._sub.getsockopt(zmq.FD), self._schedule_drain)
-        self._core.on_hello(await self._call(*self._core.hello()))
+        self._core.on_hello(await self._call(*self._core.hello()), time.time())
         self._sub.connect(publisher_url(self._core.pub_endpoint, self.url))
         self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
 
@@ -276,7 +276,7 @@ class AsyncClient:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                for event in digest(frames, time.monotonic()):
+                for event in digest(frames, time.monotonic(), time.time()):
                     self._dispatch(event)
             else:
                 more = True

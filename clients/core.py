@@ -122,6 +122,8 @@ class ClientCore:
         self.granting: dict[int, str] = {}  # SEND request id -> channel (its reply grants slots)
         self.refilling: dict[int, str] = {}  # RESERVE request id -> channel
         self.unconfirmed = 0  # POSTs sent since the last reply: a reply confirms all before it
+        self.clock_offset = 0.0  # broker wall clock minus ours, measured at HELLO
+        self.joins: set[tuple[str, str]] = set()  # JOINs to confirm with JOINED once subscribed
         self.outgoing: list[tuple[str, Any]] = []
         self.skipped = 0  # group messages dropped because a local channel was full
 
@@ -164,10 +166,22 @@ class ClientCore:
     def hello(self) -> tuple[int, list[bytes]]:
         return self._build(wire.Hello, client=self.client_id)
 
-    def on_hello(self, header: dict) -> None:
+    def on_hello(self, header: dict, wall: float) -> None:
+        """Take the HELLO reply (read at wall-clock time ``wall``): limits, publisher endpoint
+        and the broker's clock, to measure how long later messages waited in the socket."""
         self.limits = header
         self.pub_endpoint = header.get("pub", "")
+        self.clock_offset = header.get("time", wall) - wall
         self.check_limits()
+
+    def _deadline(self, header: dict, ttl_ms: int, now: float, wall: float | None) -> float:
+        """Local monotonic deadline of a message: its ttl, less the time since the broker sent
+        it (by the broker's clock, as synchronised at HELLO), so time spent unread in this
+        process's socket counts too."""
+        waited = 0.0
+        if wall is not None and "at" in header:
+            waited = max(0.0, wall + self.clock_offset - header["at"])
+        return now + ttl_ms / 1000.0 - waited
 
     def send(self, channel: str, message: dict, now: float) -> tuple[int | None, list[bytes]]:
         """Frames for one send. With a reserved slot on ``channel`` it is a POST (``rid`` None:
@@ -318,7 +332,7 @@ class ClientCore:
 
     # -- input ----------------------------------------------------------------------------
 
-    def on_dealer(self, frames: list[bytes], now: float) -> list[tuple]:
+    def on_dealer(self, frames: list[bytes], now: float, wall: float | None = None) -> list[tuple]:
         """Digest one message from the broker: returns [("reply", rid, header|BusError)] or
         [("arrived", channel)], or [] for a notice handled here."""
         verb = frames[0]
@@ -327,14 +341,15 @@ class ClientCore:
             channel = header["ch"]
             queue = self.queues.setdefault(channel, deque())
             for body, ttl in zip(frames[2:], header["ttl"]):
-                queue.append((body, now + ttl / 1000.0, True))
+                queue.append((body, self._deadline(header, ttl, now, wall), True))
             return [("arrived", channel)]
         if verb == wire.JOIN:
             group, channel = header["g"], header["ch"]
             if self.owns(channel):
                 self._subscribe(group)
-                self.awaiting[(group, channel)] = now + SYNC_RETRY
+                self.awaiting[(group, channel)] = now  # GSYNC at once: the subscription is new
                 self.retry[(group, channel)] = SYNC_RETRY
+                self.joins.add((group, channel))
             return []
         rid = header.get("id")
         if rid is not None:
@@ -359,7 +374,7 @@ class ClientCore:
             return []
         return [("reply", rid, result)]
 
-    def on_sub(self, frames: list[bytes], now: float) -> list[tuple]:
+    def on_sub(self, frames: list[bytes], now: float, wall: float | None = None) -> list[tuple]:
         """Digest one published message: group data, membership markers or flush."""
         if len(frames) < 2:
             return []
@@ -369,22 +384,25 @@ class ClientCore:
             return self._on_flush() if op == "flush" else []
         group = topic[:-1].decode("ascii")
         if op == "msg":
-            return self._on_group_message(group, header, frames[2], now)
+            return self._on_group_message(group, header, frames[2], now, wall)
         channel = header.get("ch", "")
         if op == "add" and self.owns(channel):
             self.awaiting.pop((group, channel), None)
             self.retry.pop((group, channel), None)
             self.members.setdefault(group, {})[channel] = now + header["ttl"] / 1000.0
+            if (group, channel) in self.joins:
+                self.joins.discard((group, channel))
+                self.outgoing.append(("dealer", wire.Joined(group, channel).frames()))
             return [("marker", group, channel)]
         if op == "discard" and self.owns(channel):
             self._leave(group, channel)
         return []
 
-    def _on_group_message(self, group: str, header: dict, body: bytes, now: float) -> list[tuple]:
+    def _on_group_message(self, group: str, header: dict, body: bytes, now: float, wall) -> list[tuple]:
         members = self.members.get(group)
         if not members:
             return []
-        deadline = now + header["ttl"] / 1000.0
+        deadline = self._deadline(header, header["ttl"], now, wall)
         patterns = header.get("ccap") or ()
         arrived = []
         for channel, until in list(members.items()):
@@ -432,6 +450,7 @@ class ClientCore:
                 del self.members[group]
         self.awaiting.pop((group, channel), None)
         self.retry.pop((group, channel), None)
+        self.joins.discard((group, channel))
         still_wanted = group in self.members or any(g == group for g, _ in self.awaiting)
         if group in self.subscribed and not still_wanted:
             self.subscribed.discard(group)

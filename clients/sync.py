@@ -47,7 +47,7 @@ class Client:
         self._closed = False
         try:
             self._dealer.connect(url)
-            self._core.on_hello(self._call(*self._core.hello()))
+            self._core.on_hello(self._call(*self._core.hello()), time.time())
             self._sub.connect(publisher_url(self._core.pub_endpoint, url))
             self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
         except BaseException:
@@ -208,7 +208,7 @@ class Client:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                for event in digest(frames, time.monotonic()):
+                for event in digest(frames, time.monotonic(), time.time()):
                     if event[0] == "reply":
                         self._replies[event[1]] = event[2]
         core.due_syncs(time.monotonic())

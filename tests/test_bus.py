@@ -110,11 +110,6 @@ def test_message_older_than_its_expiry_is_never_delivered(broker, procs):
             bus.receive("stale", timeout=0.2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: MSG carries a ttl relative to the broker's send, and the blocking Client adds it"
-    " to the time it *reads* the socket (clients/core.py on_dealer), so a pushed message that"
-    " waited unread in the DEALER socket is delivered after its expiry"
-))
 @pytest.mark.timeout(30)
 def test_message_that_expires_unread_in_the_receivers_socket_is_never_returned(broker):
     with Client(broker.url) as receiver, Client(broker.url, expiry=0.3) as sender:

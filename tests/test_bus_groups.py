@@ -76,12 +76,6 @@ def test_group_send_right_after_group_add_in_another_process_is_never_lost(broke
     assert sender.result(timeout=10) == ROUNDS
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: group_add of a channel owned by another client returns as soon as the broker"
-    " has recorded it (routing._group_add sends JOIN to the owner and OK to the caller at once);"
-    " the owner subscribes only when it reads the JOIN, so group_sends published before that"
-    " are lost"
-))
 @pytest.mark.timeout(60)
 def test_group_send_right_after_another_process_adds_my_channel_is_never_lost(broker, procs):
     # Process A adds process B's channel; once A's group_add returns, A's group_send must reach

@@ -167,6 +167,7 @@ ROUND_TRIPS = [
     wire.Reserve(12, "tasks", 100, 16),
     wire.Post("tasks", 60.0, BODY),
     wire.Release((("tasks", 3), ("other", 1))),
+    wire.Joined("room1", "specific.abcd1234!x"),
     wire.Ack((("tasks", 2), ("specific.abcd1234!x", 1))),
     wire.Ack(()),
     wire.Bye(),
@@ -294,6 +295,7 @@ GOOD_HEADERS = {
     "RESERVE": ({"id": 1, "ch": "q", "cap": 4, "want": 2}, ()),
     "POST": ({"ch": "q", "exp": 1.0}, (BODY,)),
     "RELEASE": ({"slots": {"q": 1}}, ()),
+    "JOINED": ({"g": "g", "ch": "q!x"}, ()),
 }
 
 

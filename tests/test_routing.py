@@ -13,7 +13,7 @@ import pytest
 
 from broker.protocol import wire
 from broker.protocol.names import CONTROL_TOPIC, group_topic
-from broker.routing import GROUP_SWEEP_SECONDS, PUB, Limits, Out, Router
+from broker.routing import GROUP_SWEEP_SECONDS, JOIN_TIMEOUT, PUB, Limits, Out, Router
 
 A_ID, B_ID, C_ID = "aaaa1111", "bbbb2222", "cccc3333"
 A_SPECIFIC = f"specific.{A_ID}!x"
@@ -81,6 +81,21 @@ class FakeClient:
     def bye(self, now=0.0) -> list[Out]:
         return self.raw(wire.Bye().frames(), now)
 
+    def joined(self, group, channel, now=0.0) -> list[Out]:
+        return self.raw(wire.Joined(group, channel).frames(), now)
+
+    def send_want(self, channel, n=0, *, want, cap=100, exp=60.0, now=0.0) -> list[Out]:
+        return self.raw(wire.Send(self._id(), channel, cap, exp, body(n), want).frames(), now)
+
+    def reserve(self, channel, want, *, cap=100, now=0.0) -> list[Out]:
+        return self.raw(wire.Reserve(self._id(), channel, cap, want).frames(), now)
+
+    def post(self, channel, n=0, *, exp=60.0, now=0.0) -> list[Out]:
+        return self.raw(wire.Post(channel, exp, body(n)).frames(), now)
+
+    def release(self, *slots, now=0.0) -> list[Out]:
+        return self.raw(wire.Release(tuple(slots)).frames(), now)
+
 
 # -- reading what the router sent -----------------------------------------------------------
 
@@ -117,7 +132,7 @@ def pushes(outs: list[Out], rid: bytes) -> list[tuple[str, list[int], list[int]]
     for out in outs:
         if out.dest == rid and out.frames[0] == wire.MSG:
             header = msgpack.unpackb(out.frames[1], raw=False)
-            assert set(header) == {"ch", "ttl"}
+            assert set(header) == {"ch", "ttl", "at"}  # at: the broker clock (now + wall_offset)
             bodies = out.frames[2:]
             assert len(header["ttl"]) == len(bodies)
             assert out.push is not None and out.push[0] == header["ch"]
@@ -517,7 +532,7 @@ def test_a_specific_member_causes_exactly_one_publish_on_the_group_topic(router,
     assert ok(outs, b"A")["queued"] == 1
     [(topic, header, rest)] = published(outs)
     assert topic == b"room1\x00" == group_topic("room1")
-    assert header == {"op": "msg", "ttl": 2500, "cap": 7}
+    assert header == {"op": "msg", "ttl": 2500, "at": 0.0, "cap": 7}
     assert rest == [payload]
     assert pushes(outs, b"B") == []  # specific members are served by their client, not pushed
 
@@ -576,9 +591,76 @@ def test_group_add_of_a_normal_channel_publishes_nothing(a):
 
 def test_group_add_for_another_clients_channel_tells_that_client_to_join(router, a, b):
     outs = a.group_add("room", B_SPECIFIC, gexp=60.0)
-    ok(outs, b"A")
+    assert replies(outs, b"A") == []  # no answer until B's subscription is live
     assert replies(outs, b"B") == [("JOIN", {"g": "room", "ch": B_SPECIFIC, "gexp": 60.0})]
-    assert len(published(outs)) == 1
+    assert router.groups.is_member("room", B_SPECIFIC, 0.0)
+
+
+def test_the_owners_joined_answers_the_group_add_that_waited_for_it(router, a, b):
+    a.group_add("room", B_SPECIFIC)
+    request_id = a.last_id
+    assert ok(b.joined("room", B_SPECIFIC), b"A")["id"] == request_id
+    assert router.joining == {}
+
+
+def test_a_group_add_the_owner_never_confirms_fails_after_the_join_timeout(router, a, b):
+    a.group_add("room", B_SPECIFIC, now=0.0)
+    assert replies(router.tick(JOIN_TIMEOUT - 0.1), b"A") == []
+    header = error(router.tick(JOIN_TIMEOUT + 0.1), b"A", "unconfirmed")
+    assert header["name"] == B_SPECIFIC
+    assert router.groups.is_member("room", B_SPECIFIC, 1.0)  # recorded all the same
+
+
+def test_a_group_add_waiting_on_an_owner_that_leaves_fails_at_once(router, a, b):
+    a.group_add("room", B_SPECIFIC)
+    error(b.bye(), b"A", "unconfirmed")
+    assert not router.groups.is_member("room", B_SPECIFIC, 0.0)
+
+
+# -- send reservations ----------------------------------------------------------------------
+
+
+def test_send_with_want_grants_at_most_half_the_free_room(router, a):
+    assert ok(a.send_want("q", want=64, cap=10), b"A")["grant"] == 4  # (10 - 1) // 2
+    assert router.inboxes["q"].depth() == 5
+
+
+def test_posts_fill_reserved_slots_without_a_reply_and_keep_order(router, a, b):
+    ok(a.send_want("q", 0, want=2, cap=10), b"A")
+    assert replies(a.post("q", 1), b"A") == []
+    assert replies(a.post("q", 2), b"A") == []
+    assert received(b.credit("q", 10), b"B") == [0, 1, 2]
+
+
+def test_a_post_without_a_reserved_slot_is_refused_and_not_queued(router, a):
+    error(a.post("q", 1), b"A", "no-reservation")
+    assert "q" not in router.inboxes
+
+
+def test_reserved_slots_count_towards_capacity(router, a, c):
+    ok(a.reserve("q", 2, cap=5), b"A")  # grant (5 - 0) // 2 = 2
+    for n in range(3):
+        ok(c.send("q", n, cap=5), b"C")
+    error(c.send("q", 9, cap=5), b"C", "full")
+
+
+def test_a_full_channel_grants_no_slots_and_it_is_not_an_error(router, a):
+    for n in range(3):
+        ok(a.send("q", n, cap=3), b"A")
+    assert ok(a.reserve("q", 8, cap=3), b"A")["grant"] == 0
+
+
+def test_release_gives_unused_slots_back(router, a):
+    ok(a.reserve("q", 4, cap=100), b"A")
+    a.release(("q", 4))
+    assert "q" not in router.inboxes  # nothing queued, reserved or credited: gone
+
+
+def test_a_leaving_peer_gives_its_reserved_slots_back(router, a, c):
+    ok(a.reserve("q", 2, cap=4), b"A")
+    ok(c.send("q", 0, cap=4), b"C")
+    a.bye()
+    assert router.inboxes["q"].depth() == 1
 
 
 def test_group_add_again_refreshes_the_membership_expiry(router, b):

@@ -18,6 +18,7 @@ ERROR_CODES = {
     "bad-body": "the message body is not a msgpack map with a str 'type'",
     "full": "the channel already holds its capacity of messages",
     "no-reservation": "a POST named a channel where this client holds no reserved slot",
+    "unconfirmed": "the owner of a process-specific channel did not confirm its group subscription",
     "not-member": "the channel is not (or no longer) a member of the group",
     "no-hello": "the first request of a connection must be HELLO",
     "id-taken": "another live client already uses this client id",

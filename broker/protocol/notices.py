@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from .errors import ProtocolError
 from .fields import Command, field_value, int_field, no_body, one_body, pack, seconds_field, verb_frame
-from .names import check_channel
+from .names import check_channel, check_group
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,25 @@ class Release(Command):
 
     def header(self):
         return {"slots": dict(self.slots)}
+
+
+@dataclass(frozen=True)
+class Joined(Command):
+    """Notice from a channel's owner: after a JOIN, its subscription to ``group`` is live (it saw
+    the ``add`` marker), so the broker can answer the GADD that caused the JOIN."""
+
+    VERB: ClassVar[str] = "JOINED"
+    group: str = ""
+    channel: str = ""
+
+    def __post_init__(self) -> None:
+        check_group(self.group)
+        check_channel(self.channel)
+
+    @classmethod
+    def from_wire(cls, header, body):
+        no_body(cls.VERB, body)
+        return cls(field_value(header, "g"), field_value(header, "ch"))
+
+    def header(self):
+        return {"g": self.group, "ch": self.channel}

@@ -8,7 +8,7 @@ A message is a ZeroMQ multipart message ``[verb, header, body...]``:
   broker never unpacks it; it only checks its size and that its first byte opens a map.
 
 Requests carry an ``id`` (an int the client chooses) and get exactly one reply, OK or ERROR, with
-the same id. Notices (CREDIT, ACK, POST, RELEASE, BYE) carry no id and get no reply unless they are malformed.
+the same id. Notices (CREDIT, ACK, POST, RELEASE, JOINED, BYE) carry no id and get no reply unless they are malformed.
 ``docs/protocol.md`` is the full contract.
 """
 
@@ -23,7 +23,7 @@ from .fields import (  # noqa: F401  (re-exported: the wire format in one import
     no_body, one_body, pack, seconds_field, unpack_header, verb_frame,
 )
 from .names import check_channel, check_client_id, check_group
-from .notices import Ack, Bye, Credit, Post, Release  # noqa: F401
+from .notices import Ack, Bye, Credit, Joined, Post, Release  # noqa: F401
 
 MAX_PATTERNS = 32
 MAX_PATTERN_LENGTH = 200
@@ -246,7 +246,7 @@ class Ping(Flush):
 COMMANDS: dict[bytes, type[Command]] = {
     verb_frame(cls.VERB): cls
     for cls in (Hello, Send, Reserve, GroupSend, GroupAdd, GroupSync, GroupDiscard, Flush, Ping,
-                Credit, Ack, Bye, Post, Release)
+                Credit, Ack, Bye, Post, Release, Joined)
 }
 
 
