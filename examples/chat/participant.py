@@ -64,9 +64,12 @@ def _print(line: str) -> None:
 
 def _read_lines(stdin: TextIO, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
     # A daemon thread: a blocking read of stdin must never hold the event loop or the exit.
-    for line in stdin:
-        loop.call_soon_threadsafe(lines.put_nowait, line.rstrip("\r\n"))
-    loop.call_soon_threadsafe(lines.put_nowait, None)
+    try:
+        for line in stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line.rstrip("\r\n"))
+        loop.call_soon_threadsafe(lines.put_nowait, None)
+    except RuntimeError:  # the loop closed (the chat ended) while a line was being read
+        pass
 
 
 async def run_chat(room: str, name: str, url: str, stdin: TextIO = sys.stdin,
