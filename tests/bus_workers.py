@@ -211,15 +211,16 @@ def compete(url: str, channel: str, ready, stop, out) -> int:
         while True:
             try:
                 batch.append(bus.receive(channel, timeout=0.05)["n"])
+                if len(batch) < 100:
+                    continue
             except ReceiveTimeout:
                 if stop.is_set():
                     break
-            if len(batch) >= 100 or (batch and stop.is_set()):
+            if batch:  # a full batch, or a lull: report what we have
                 out.put(batch)
                 total += len(batch)
                 batch = []
-        out.put(batch)
-        return total + len(batch)
+        return total
 
 
 def send_once(url: str, channel: str, message: dict, **settings) -> None:
