@@ -54,6 +54,7 @@ class BrokerConfig:
     max_group_expiry: float = 7 * 86400.0
     max_message_size: int = 1024 * 1024
     max_bad_frames: int = 100
+    max_memory: int = 512 * 1024 * 1024
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -61,7 +62,7 @@ class BrokerConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or "://" not in value:
                 raise ConfigError(f"{name} must be a ZeroMQ endpoint such as tcp://127.0.0.1:5555, got {value!r}")
-        for name in ("max_capacity", "max_message_size", "max_bad_frames"):
+        for name in ("max_capacity", "max_message_size", "max_bad_frames", "max_memory"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -76,7 +77,7 @@ class BrokerConfig:
         return Limits(
             max_message_size=self.max_message_size, max_capacity=self.max_capacity,
             max_expiry=float(self.max_expiry), max_group_expiry=float(self.max_group_expiry),
-            max_bad_frames=self.max_bad_frames,
+            max_bad_frames=self.max_bad_frames, max_memory=self.max_memory,
         )
 
 

@@ -8,7 +8,8 @@ slots *reserved* by senders. Its depth, ``len(queue) + inflight + reserved``, ne
 capacity a sender asked for: that is what makes ``full`` exact even for pipelined sends.
 
 - A normal channel's messages go to the peers that granted credit for it, round robin, each
-  message to exactly one; every ACK returns the credit it consumed.
+  message to exactly one; every ACK returns the credit it consumed. A pushed message is kept
+  until acknowledged: when its peer leaves first, it goes back to the front of the queue.
 - A process-specific channel's messages go straight to the connected peer whose client id the
   name carries; capacity alone bounds what it holds. With that peer absent they wait.
 - A sender may reserve slots (SEND ``want``, RESERVE) and then POST into them without waiting
@@ -30,6 +31,7 @@ from .protocol import wire
 from .protocol.names import owner_of
 
 MAX_CREDIT = 100_000
+ITEM_OVERHEAD = 64  # bytes counted per queued message on top of its body (tuple, deque slot)
 BLOCKED_RETRY = 0.05  # seconds before retrying a peer whose socket queue was full
 
 
@@ -44,8 +46,12 @@ class Peer:
     rid: bytes
     client: str
     credits: dict[str, int] = field(default_factory=dict)
-    inflight: dict[str, int] = field(default_factory=dict)
+    unacked: dict[str, deque] = field(default_factory=dict)  # pushed items, oldest first
     reserved: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def inflight(self) -> dict[str, int]:
+        return {name: len(items) for name, items in self.unacked.items()}
     blocked_until: float = 0.0
 
 
@@ -58,6 +64,30 @@ class Inbox:
 
     def depth(self) -> int:
         return len(self.queue) + self.inflight + self.reserved
+
+
+def _size(items) -> int:
+    return sum(len(item[0]) for item in items) + ITEM_OVERHEAD * len(items)
+
+
+def _oldest(unacked: dict[str, deque], name: str, n: int) -> list:
+    """Remove and return up to ``n`` of the oldest unacknowledged items of ``name``."""
+    items = unacked.get(name)
+    if not items:
+        return []
+    taken = [items.popleft() for _ in range(min(n, len(items)))]
+    if not items:
+        del unacked[name]
+    return taken
+
+
+def _newest(unacked: dict[str, deque], name: str, n: int) -> None:
+    """Remove the ``n`` newest unacknowledged items of ``name`` (a push that was not sent)."""
+    items = unacked[name]
+    for _ in range(n):
+        items.pop()
+    if not items:
+        del unacked[name]
 
 
 def _take(counts: dict[str, int], name: str, n: int) -> int:
@@ -79,6 +109,7 @@ class Delivery:
         self.by_client: dict[str, bytes] = {}
         self.inboxes: dict[str, Inbox] = {}
         self.stalled: set[str] = set()
+        self.bytes_held = 0  # bodies queued in inboxes (plus ITEM_OVERHEAD each): the memory ceiling's measure
         self._dirty: set[str] | None = None
 
     # -- batching -------------------------------------------------------------------------
@@ -121,6 +152,7 @@ class Delivery:
                 self.gc(name)
                 return False
         inbox.queue.append((body, expires_at))
+        self.bytes_held += len(body) + ITEM_OVERHEAD
         return True
 
     def reserve(self, peer: Peer, name: str, capacity: int, want: int, now: float) -> int:
@@ -145,6 +177,7 @@ class Delivery:
         inbox = self.inboxes[name]
         inbox.reserved -= 1
         inbox.queue.append((body, expires_at))
+        self.bytes_held += len(body) + ITEM_OVERHEAD
         return True
 
     def release(self, peer: Peer, name: str, n: int) -> None:
@@ -156,8 +189,19 @@ class Delivery:
 
     def purge(self, inbox: Inbox, now: float) -> None:
         live = deque(item for item in inbox.queue if item[1] > now)
-        self.stats["expired"] += len(inbox.queue) - len(live)
-        inbox.queue = live
+        if len(live) != len(inbox.queue):
+            self.stats["expired"] += len(inbox.queue) - len(live)
+            self.bytes_held -= _size(inbox.queue) - _size(live)
+            inbox.queue = live
+
+    def drop_queued(self, name: str) -> int:
+        """Empty ``name``'s queue (flush, or its owner left); return how many were dropped."""
+        inbox = self.inboxes[name]
+        dropped = len(inbox.queue)
+        self.bytes_held -= _size(inbox.queue)
+        inbox.queue.clear()
+        self.gc(name)
+        return dropped
 
     def gc(self, name: str) -> None:
         inbox = self.inboxes[name]
@@ -174,9 +218,11 @@ class Delivery:
         return self.kick(name, now)
 
     def ack(self, peer: Peer, name: str, n: int, now: float) -> list[Out]:
-        n = _take(peer.inflight, name, n)
+        items = _oldest(peer.unacked, name, n)
+        n = len(items)
         if not n:
             return []
+        self.bytes_held -= _size(items)
         self.inboxes[name].inflight -= n
         if owner_of(name) is None:
             return self.credit(peer, name, n, now)
@@ -219,6 +265,7 @@ class Delivery:
         while queue and len(items) < n:
             item = queue.popleft()
             if item[1] <= now:
+                self.bytes_held -= len(item[0]) + ITEM_OVERHEAD
                 self.stats["expired"] += 1
                 continue
             items.append(item)
@@ -226,7 +273,10 @@ class Delivery:
         if not items:
             return []
         inbox.inflight += len(items)
-        peer.inflight[name] = peer.inflight.get(name, 0) + len(items)
+        unacked = peer.unacked.get(name)
+        if unacked is None:
+            unacked = peer.unacked[name] = deque()
+        unacked.extend(items)  # kept (and counted in bytes_held) until acknowledged
         self.stats["delivered"] += len(items)
         header = wire.pack({"ch": name, "ttl": ttls, "at": now + self.wall_offset})
         return [Out(peer.rid, [wire.MSG, header, *(item[0] for item in items)], (name, items))]
@@ -234,17 +284,18 @@ class Delivery:
     def unsent(self, rid: bytes, push: tuple[str, list], now: float) -> Peer | None:
         """A MSG could not be sent: requeue its items at the front; return the peer, if known."""
         channel, items = push
-        inbox = self.inbox(channel)
-        inbox.queue.extendleft(reversed(items))
         peer = self.peers.get(rid)
-        if peer is not None:  # (a forgotten peer's in-flight count was already released)
-            inbox.inflight -= len(items)
-            _take(peer.inflight, channel, len(items))
-            if owner_of(channel) is None:
-                peer.credits[channel] = peer.credits.get(channel, 0) + len(items)
-                if rid not in inbox.ready:  # its credit is back, so it must be offered again
-                    inbox.ready.append(rid)
-            peer.blocked_until = now + BLOCKED_RETRY
+        if peer is None:  # forgotten already: its unacked items went back (or away) then
+            return None
+        _newest(peer.unacked, channel, len(items))
+        inbox = self.inboxes[channel]
+        inbox.queue.extendleft(reversed(items))
+        inbox.inflight -= len(items)
+        if owner_of(channel) is None:
+            peer.credits[channel] = peer.credits.get(channel, 0) + len(items)
+            if rid not in inbox.ready:  # its credit is back, so it must be offered again
+                inbox.ready.append(rid)
+        peer.blocked_until = now + BLOCKED_RETRY
         self.stalled.add(channel)  # retry at the next tick, to this peer or another receiver
         self.stats["delivered"] -= len(items)
         return peer
@@ -255,15 +306,21 @@ class Delivery:
         del self.peers[peer.rid]
         if self.by_client.get(peer.client) == peer.rid:
             del self.by_client[peer.client]
-        for name, held in peer.inflight.items():
+        for name, items in peer.unacked.items():
             inbox = self.inboxes.get(name)
-            if inbox is not None:
-                inbox.inflight -= held
+            if inbox is None:
+                continue
+            inbox.inflight -= len(items)
+            if owner_of(name) is None:  # a normal channel's unconsumed messages go back, in order
+                inbox.queue.extendleft(reversed(items))
+                self.stalled.add(name)
+            else:
+                self.bytes_held -= _size(items)
         for name, held in peer.reserved.items():
             inbox = self.inboxes.get(name)
             if inbox is not None:
                 inbox.reserved -= held
-        for name in set(peer.credits) | set(peer.inflight) | set(peer.reserved):
+        for name in set(peer.credits) | set(peer.unacked) | set(peer.reserved):
             inbox = self.inboxes.get(name)
             if inbox is not None:
                 if peer.rid in inbox.ready:
@@ -271,10 +328,8 @@ class Delivery:
                 self.gc(name)
         if drop_specific:
             for name in [n for n in self.inboxes if owner_of(n) == peer.client]:
-                inbox = self.inboxes[name]
-                self.stats["expired"] += len(inbox.queue)
-                inbox.queue.clear()
-                self.gc(name)  # (kept while another sender still holds reserved slots)
+                # (an inbox stays while another sender still holds reserved slots in it)
+                self.stats["expired"] += self.drop_queued(name)
 
     def tick(self, now: float) -> list[Out]:
         """Purge expired messages, delete idle inboxes, retry stalled deliveries."""

@@ -23,11 +23,12 @@ Channels, credit and reservations live in ``delivery.Delivery`` (see its rules).
 
 from __future__ import annotations
 
+import heapq
 import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .delivery import Delivery, Out, Peer
+from .delivery import ITEM_OVERHEAD, Delivery, Out, Peer
 from .groups import Groups
 from .protocol import wire
 from .protocol.errors import ProtocolError
@@ -35,7 +36,8 @@ from .protocol.names import CONTROL_TOPIC, group_topic, owner_of
 
 PUB = None  # Out.dest for the publisher socket
 GROUP_SWEEP_SECONDS = 5.0  # group_send also drops expired members of the group it reaches
-REFUSALS = ("full", "limit", "too-large", "not-member", "id-taken")
+REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken")
+RESERVE_HEADROOM = 4  # no new send slots unless this many largest messages would still fit in memory
 JOIN_TIMEOUT = 5.0  # seconds a GADD for another client's channel waits for that client's JOINED  # answered, not held against the peer
 
 
@@ -49,18 +51,21 @@ class Limits:
     max_group_expiry: float = 7 * 86400.0
     max_bad_frames: int = 100
     ban_seconds: float = 10.0
+    max_memory: int = 512 * 1024 * 1024  # bytes of queued messages (bodies + ITEM_OVERHEAD each)
 
 
 class Router:
-    def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "", wall_offset: float = 0.0) -> None:
+    def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "", wall_offset: float = 0.0,
+                 started: float = 0.0) -> None:
         """``wall_offset`` turns the monotonic ``now`` into wall-clock seconds for the ``at`` and
         ``time`` fields, which let clients discount time a message spent in their socket."""
         self.limits = limits
         self.pub_endpoint = pub_endpoint
         self.wall_offset = wall_offset
+        self.started = started
         self.stats = dict.fromkeys(
-            ("received", "delivered", "full", "expired", "too_large", "bad_frames",
-             "group_sends", "group_skipped"), 0,
+            ("received", "delivered", "full", "expired", "too_large", "memory_refused",
+             "bad_frames", "group_sends", "group_skipped"), 0,
         )
         self.delivery = Delivery(self.stats, wall_offset)
         # (owner client, group, channel) -> GADDs waiting for the owner's JOINED: [(rid, id, deadline)]
@@ -76,7 +81,7 @@ class Router:
             wire.GroupAdd: self._group_add, wire.GroupSync: self._group_sync,
             wire.GroupDiscard: self._group_discard, wire.Flush: self._flush,
             wire.Ping: self._ping, wire.Credit: self._credit, wire.Ack: self._ack,
-            wire.Bye: self._bye, wire.Joined: self._joined,
+            wire.Bye: self._bye, wire.Joined: self._joined, wire.Stats: self._stats,
         }
 
     @property
@@ -220,6 +225,20 @@ class Router:
         if not wire.body_is_map(body):
             raise ProtocolError("bad-body", "message body must be a msgpack map (a dict with 'type')")
 
+    def _memory_left(self, size: int) -> bool:
+        return self.delivery.bytes_held + size + ITEM_OVERHEAD <= self.limits.max_memory
+
+    def _check_memory(self, size: int) -> None:
+        if not self._memory_left(size):
+            self.stats["memory_refused"] += 1
+            held, limit = self.delivery.bytes_held, self.limits.max_memory
+            raise ProtocolError(
+                "memory",
+                f"the broker holds {held} bytes of queued messages and its max-memory is {limit}:"
+                " new messages are refused until receivers catch up or messages expire",
+                size=held, limit=limit,
+            )
+
     def _compile(self, patterns) -> list[tuple[re.Pattern, int]]:
         """The channel_capacity pairs with compiled regexes; ``bad-value`` if one is invalid."""
         compiled = []
@@ -265,6 +284,7 @@ class Router:
     def _send(self, peer: Peer, cmd: wire.Send, now: float) -> list[Out]:
         self._check_settings(cmd.capacity, cmd.expiry)
         self._check_body(cmd.body)
+        self._check_memory(len(cmd.body))
         self.stats["received"] += 1
         delivery = self.delivery
         if not delivery.enqueue(cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now):
@@ -273,13 +293,15 @@ class Router:
                 channel=cmd.channel, capacity=cmd.capacity,
             )
         reply = wire.ok(cmd.id)
-        if cmd.want:
+        if cmd.want and self._memory_left(RESERVE_HEADROOM * self.limits.max_message_size):
             reply = wire.ok(cmd.id, grant=delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now))
         return [Out(peer.rid, reply), *delivery.kick(cmd.channel, now)]
 
     def _reserve(self, peer: Peer, cmd: wire.Reserve, now: float) -> list[Out]:
         self._check_settings(cmd.capacity)
-        grant = self.delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now)
+        grant = 0
+        if self._memory_left(RESERVE_HEADROOM * self.limits.max_message_size):
+            grant = self.delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now)
         return [Out(peer.rid, wire.ok(cmd.id, grant=grant))]
 
     def _post(self, peer: Peer, cmd: wire.Post, now: float) -> list[Out]:
@@ -314,7 +336,10 @@ class Router:
                 specific = True
                 continue
             capacity = next((cap for pattern, cap in patterns if pattern.match(name)), cmd.capacity)
-            if delivery.enqueue(name, cmd.body, capacity, now + cmd.expiry, now):
+            if not self._memory_left(len(cmd.body)):
+                self.stats["memory_refused"] += 1
+                skipped += 1
+            elif delivery.enqueue(name, cmd.body, capacity, now + cmd.expiry, now):
                 queued += 1
                 out += delivery.kick(name, now)
             else:
@@ -380,8 +405,7 @@ class Router:
     def _flush(self, peer: Peer, cmd: wire.Flush, now: float) -> list[Out]:
         delivery = self.delivery
         for name in list(delivery.inboxes):
-            delivery.inboxes[name].queue.clear()
-            delivery.gc(name)
+            delivery.drop_queued(name)
         self.groups.clear()
         return [Out(peer.rid, wire.ok(cmd.id)), Out(PUB, [CONTROL_TOPIC, wire.pack({"op": "flush"})])]
 
@@ -400,6 +424,23 @@ class Router:
         for name, n in cmd.acks:
             out += self.delivery.ack(peer, name, n, now)
         return out
+
+    def _stats(self, peer: Peer, cmd: wire.Stats, now: float) -> list[Out]:
+        delivery = self.delivery
+        boxes = delivery.inboxes
+        deepest = heapq.nlargest(cmd.top, boxes, key=lambda name: boxes[name].depth())
+        sizes = self.groups.sizes()
+        largest = heapq.nlargest(cmd.top, sizes, key=sizes.get)
+        return [Out(peer.rid, wire.ok(
+            cmd.id, uptime=max(0.0, now - self.started), clients=len(delivery.peers),
+            channels=len(boxes), queued=sum(len(b.queue) for b in boxes.values()),
+            inflight=sum(b.inflight for b in boxes.values()),
+            reserved=sum(b.reserved for b in boxes.values()),
+            bytes_held=delivery.bytes_held, max_memory=self.limits.max_memory,
+            top_channels=[[n, len(boxes[n].queue), boxes[n].inflight, boxes[n].reserved] for n in deepest],
+            groups=len(sizes), top_groups=[[g, sizes[g]] for g in largest],
+            counters=dict(self.stats),
+        ))]
 
     def _bye(self, peer: Peer, cmd: wire.Bye, now: float) -> list[Out]:
         return self._forget(peer)

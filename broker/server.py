@@ -72,7 +72,10 @@ class BrokerServer:
         self.endpoint = _unmapped(self._commands.getsockopt_string(zmq.LAST_ENDPOINT))
         self.pub_endpoint = _unmapped(self._publisher.getsockopt_string(zmq.LAST_ENDPOINT))
         advertised = self.config.advertise or self.pub_endpoint
-        self.router = Router(self.config.limits(), advertised, wall_offset=time.time() - time.monotonic())
+        self.router = Router(
+            self.config.limits(), advertised, wall_offset=time.time() - time.monotonic(),
+            started=time.monotonic(),
+        )
         if not self.config.advertise and _wildcard_host(self.pub_endpoint):
             log.info("publisher bound to all interfaces: clients dial it on the host they used")
         return self

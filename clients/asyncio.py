@@ -15,7 +15,7 @@ import zmq
 
 from broker.protocol.names import CONTROL_TOPIC
 
-from .core import ClientCore, publisher_url
+from .core import CLOSE_LINGER_MS, ClientCore, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 from .sync import DEFAULT_URL
 
@@ -195,6 +195,14 @@ class AsyncClient:
         await self._call(*self._core.ping())
         return time.perf_counter() - start
 
+    async def stats(self, top: int = 10) -> dict:
+        """The broker's figures: clients, the ``top`` deepest channels and largest groups,
+        counters, memory held, uptime (fields in docs/protocol.md, STATS)."""
+        await self.connect()
+        reply = await self._call(*self._core.stats(top))
+        reply.pop("id", None)
+        return reply
+
     async def close(self) -> None:
         """Tell the broker goodbye and close the sockets. Safe to call twice."""
         if self._closed:
@@ -216,10 +224,13 @@ class AsyncClient:
             except (zmq.ZMQError, ValueError, RuntimeError):
                 pass
         try:
-            self._dealer.send_multipart(self._core.bye(), zmq.NOBLOCK)
+            for frames in self._core.goodbye():
+                self._dealer.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        self._dealer.close(linger=0)
+        # A short linger lets the last ACK and BYE leave (a dropped ACK would have the broker
+        # hand consumed messages to someone else); close() itself does not wait for it.
+        self._dealer.close(linger=CLOSE_LINGER_MS)
         self._sub.close(linger=0)
         closed = BusError("the client was closed")
         for fut in [*self._pending.values(), *self._arrivals.values()]:

@@ -52,6 +52,7 @@ ACK_BATCH = 16
 RESERVE_WANT = 64  # slots asked for per channel; the broker grants at most half the free room
 RELEASE_IDLE = 0.25  # seconds after the last send before unused slots go back
 RECEIVE_WINDOW = 64
+CLOSE_LINGER_MS = 500  # how long a closed socket may still send its last ACK and BYE
 SYNC_RETRY = 0.05  # first GSYNC retry after this many seconds, doubling up to SYNC_RETRY_MAX
 SYNC_RETRY_MAX = 1.0
 
@@ -118,7 +119,7 @@ class ClientCore:
         self.subscribed: set[str] = set()
         self.ignored: set[int] = set()  # ids of requests nobody waits on (GSYNC retries)
         self.reserved: dict[str, int] = {}  # slots reserved for POSTs, per channel
-        self.last_post: dict[str, float] = {}
+        self.last_send: dict[str, float] = {}  # when each channel was last sent to
         self.granting: dict[int, str] = {}  # SEND request id -> channel (its reply grants slots)
         self.refilling: dict[int, str] = {}  # RESERVE request id -> channel
         self.unconfirmed = 0  # POSTs sent since the last reply: a reply confirms all before it
@@ -185,17 +186,19 @@ class ClientCore:
 
     def send(self, channel: str, message: dict, now: float) -> tuple[int | None, list[bytes]]:
         """Frames for one send. With a reserved slot on ``channel`` it is a POST (``rid`` None:
-        nothing to wait for, the room is already ours); else a SEND request that also asks for
-        slots. Tops the reservation up ahead of need with a RESERVE."""
+        nothing to wait for, the room is already ours); else a SEND request, which asks for
+        slots only when this is the second send to ``channel`` within RELEASE_IDLE (a lone send
+        reserves nothing). Tops the reservation up ahead of need with a RESERVE."""
         body = self._body(message)
         left = self.reserved.get(channel, 0)
+        previous = self.last_send.get(channel)
+        self.last_send[channel] = now
         if left:
             try:
                 frames = wire.Post(channel, self.expiry, body).frames()
             except ProtocolError as err:
                 raise bad_name(err) from None
             self.reserved[channel] = left - 1
-            self.last_post[channel] = now
             self.unconfirmed += 1
             if left - 1 <= RESERVE_WANT // 2 and channel not in self.refilling.values():
                 rid, reserve = self._build(
@@ -204,29 +207,33 @@ class ClientCore:
                 self.refilling[rid] = channel
                 self.outgoing.append(("dealer", reserve))
             return None, frames
+        streaming = previous is not None and now - previous < RELEASE_IDLE
         rid, frames = self._build(
             wire.Send, channel=channel, capacity=self.capacity_for(channel), expiry=self.expiry,
-            body=body, want=RESERVE_WANT,
+            body=body, want=RESERVE_WANT if streaming else 0,
         )
-        self.granting[rid] = channel
+        if streaming:
+            self.granting[rid] = channel
         return rid, frames
 
     def _granted(self, channel: str, header: dict, now: float) -> None:
         grant = header.get("grant", 0)
         if grant:
             self.reserved[channel] = self.reserved.get(channel, 0) + grant
-            self.last_post.setdefault(channel, now)
+            self.last_send.setdefault(channel, now)
 
     def release_idle(self, now: float) -> float | None:
         """Give back slots on channels not sent to for RELEASE_IDLE seconds; return when the
         next reservation falls idle (None when none is held)."""
-        idle = [ch for ch, n in self.reserved.items() if n and now - self.last_post.get(ch, now) >= RELEASE_IDLE]
+        last = self.last_send
+        idle = [ch for ch, n in self.reserved.items() if n and now - last.get(ch, now) >= RELEASE_IDLE]
         if idle:
             slots = tuple((ch, self.reserved.pop(ch)) for ch in idle)
-            for ch in idle:
-                self.last_post.pop(ch, None)
             self.outgoing.append(("dealer", wire.Release(slots).frames()))
-        held = [self.last_post.get(ch, now) for ch, n in self.reserved.items() if n]
+        if len(last) > len(self.reserved) + 1024:  # forget old sends, so the map stays small
+            for ch in [ch for ch, t in last.items() if now - t >= RELEASE_IDLE and ch not in self.reserved]:
+                del last[ch]
+        held = [last.get(ch, now) for ch, n in self.reserved.items() if n]
         return min(held) + RELEASE_IDLE if held else None
 
     def group_send(self, group: str, message: dict) -> tuple[int, list[bytes]]:
@@ -279,6 +286,9 @@ class ClientCore:
 
     def ping(self) -> tuple[int, list[bytes]]:
         return self._build(wire.Ping)
+
+    def stats(self, top: int) -> tuple[int, list[bytes]]:
+        return self._build(wire.Stats, top=top)
 
     def new_channel(self, prefix: str = "specific") -> str:
         name = f"{prefix}.{self.client_id}!{secrets.token_hex(6)}"
@@ -467,8 +477,15 @@ class ClientCore:
                 self.awaiting[key] = now + delay
         return min(self.awaiting.values(), default=None)
 
-    def bye(self) -> list[bytes]:
-        return wire.Bye().frames()
+    def goodbye(self) -> list[list[bytes]]:
+        """The last messages of a connection: acknowledge what was consumed (so the broker puts
+        back only what was not), then BYE."""
+        frames = []
+        if self.pending_acks:
+            acks, self.pending_acks = self.pending_acks, {}
+            frames.append(wire.Ack(tuple(acks.items())).frames())
+        frames.append(wire.Bye().frames())
+        return frames
 
     def take_outgoing(self) -> list[tuple[str, Any]]:
         out, self.outgoing = self.outgoing, []

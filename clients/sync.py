@@ -11,7 +11,7 @@ import zmq
 
 from broker.protocol.names import CONTROL_TOPIC
 
-from .core import ClientCore, publisher_url
+from .core import CLOSE_LINGER_MS, ClientCore, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 
 DEFAULT_URL = "tcp://127.0.0.1:5555"
@@ -150,6 +150,13 @@ class Client:
         self._call(*self._core.ping())
         return time.perf_counter() - start
 
+    def stats(self, top: int = 10) -> dict:
+        """The broker's figures: clients, the ``top`` deepest channels and largest groups,
+        counters, memory held, uptime (fields in docs/protocol.md, STATS)."""
+        reply = self._call(*self._core.stats(top))
+        reply.pop("id", None)
+        return reply
+
     def close(self) -> None:
         """Tell the broker goodbye and close the sockets. Safe to call twice."""
         if self._closed:
@@ -160,7 +167,8 @@ class Client:
             except BusError:
                 pass
         try:
-            self._dealer.send_multipart(self._core.bye(), zmq.NOBLOCK)
+            for frames in self._core.goodbye():
+                self._dealer.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         self._close_sockets()
@@ -169,7 +177,9 @@ class Client:
 
     def _close_sockets(self) -> None:
         self._closed = True
-        self._dealer.close(linger=0)
+        # A short linger lets the last ACK and BYE leave (a dropped ACK would have the broker
+        # hand consumed messages to someone else); close() itself does not wait for it.
+        self._dealer.close(linger=CLOSE_LINGER_MS)
         self._sub.close(linger=0)
 
     def _call(self, rid: int, frames: list[bytes]) -> dict:

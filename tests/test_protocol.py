@@ -168,6 +168,7 @@ ROUND_TRIPS = [
     wire.Post("tasks", 60.0, BODY),
     wire.Release((("tasks", 3), ("other", 1))),
     wire.Joined("room1", "specific.abcd1234!x"),
+    wire.Stats(13, 25),
     wire.Ack((("tasks", 2), ("specific.abcd1234!x", 1))),
     wire.Ack(()),
     wire.Bye(),
@@ -296,6 +297,7 @@ GOOD_HEADERS = {
     "POST": ({"ch": "q", "exp": 1.0}, (BODY,)),
     "RELEASE": ({"slots": {"q": 1}}, ()),
     "JOINED": ({"g": "g", "ch": "q!x"}, ()),
+    "STATS": ({"id": 1}, ()),
 }
 
 

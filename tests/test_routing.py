@@ -763,18 +763,27 @@ def test_bye_drops_the_peers_specific_channels_from_every_group(router, a, b):
     assert b"B" not in router.peers and B_ID not in router.by_client
 
 
-def test_bye_releases_the_peers_in_flight_messages_and_credit(router, a, b, c):
-    a.send("tasks", 0, cap=2)
-    a.send("tasks", 1, cap=2)
+def test_bye_puts_the_peers_unacknowledged_messages_back_in_order(router, a, b, c):
+    a.send("tasks", 0, cap=3)
+    a.send("tasks", 1, cap=3)
     b.credit("tasks", 2)
-    error(a.send("tasks", 2, cap=2), b"A", "full")
-    c.credit("tasks", 5)
+    a.send("tasks", 2, cap=3)
+    error(a.send("tasks", 9, cap=3), b"A", "full")
+    assert received(c.credit("tasks", 5), b"C") == [2]
     b.bye()
-    assert router.inboxes["tasks"].inflight == 0
-    assert list(router.inboxes["tasks"].ready) == [b"C"]
-    outs = a.send("tasks", 3, cap=2)
-    ok(outs, b"A")
-    assert received(outs, b"C") == [3]
+    inbox = router.inboxes["tasks"]
+    assert inbox.inflight == 1  # C's
+    assert [number(body) for body, _ in inbox.queue] == [0, 1]
+    assert received(router.tick(1.0), b"C") == [0, 1]
+
+
+def test_acknowledged_messages_are_not_put_back_when_the_peer_leaves(router, a, b, c):
+    a.send("tasks", 0)
+    a.send("tasks", 1)
+    b.credit("tasks", 2)
+    b.ack(("tasks", 1))
+    b.bye()
+    assert received(c.credit("tasks", 5), b"C") == [1]
 
 
 def test_bye_drops_what_waits_on_the_peers_specific_channels(router, a, b):
@@ -799,7 +808,8 @@ def test_peer_gone_acts_like_bye(router, a, b):
     router.peer_gone(b"B")
     router.peer_gone(b"nobody")  # an unknown peer is not an error
     assert len(router.groups) == 0
-    assert router.inboxes == {}
+    assert list(router.inboxes) == ["tasks"]  # B's specific channel is gone; its task went back
+    assert [number(body) for body, _ in router.inboxes["tasks"].queue] == [1]
     assert b"B" not in router.peers
 
 
@@ -994,3 +1004,53 @@ def test_bad_frames_are_counted_per_peer():
             router.handle(rid, GARBAGE, 0.0)
     assert router.banned == {}
     assert router.strikes == {b"X": 3, b"Y": 3, b"Z": 3}
+
+
+# -- memory ceiling and stats ---------------------------------------------------------------
+
+
+def test_sends_past_max_memory_are_refused_with_the_limit(a):
+    router = Router(Limits(max_memory=1000))
+    peer = FakeClient(router, b"M", A_ID)
+    ok(peer.hello(), b"M")
+    accepted = 0
+    while True:
+        outs = peer.send("q", accepted)
+        if replies(outs, b"M")[0][0] == "ERROR":
+            break
+        accepted += 1
+    header = error(outs, b"M", "memory")
+    assert header["limit"] == 1000
+    assert router.delivery.bytes_held <= 1000
+    assert accepted == len(router.inboxes["q"].queue) > 0
+    assert router.stats["memory_refused"] == 1
+
+
+def test_bytes_held_returns_to_zero_when_messages_leave(router, a, b):
+    for n in range(5):
+        ok(a.send("q", n), b"A")
+    assert router.delivery.bytes_held > 0
+    b.credit("q", 10)
+    assert router.delivery.bytes_held > 0  # pushed, but kept until acknowledged
+    b.ack(("q", 5))
+    assert router.delivery.bytes_held == 0
+    for n in range(3):
+        ok(a.send("e", n, exp=1.0), b"A")
+    router.tick(2.0)
+    assert router.delivery.bytes_held == 0
+
+
+def test_stats_reports_clients_deepest_channels_groups_and_counters(router, a, b):
+    for n in range(3):
+        ok(a.send("deep", n), b"A")
+    ok(a.send("shallow", 0), b"A")
+    a.group_add("room", "deep")
+    header = ok(a.raw(wire.Stats(99, 1).frames(), 5.0), b"A")
+    assert header["clients"] == 2
+    assert header["channels"] == 2
+    assert header["queued"] == 4
+    assert header["top_channels"] == [["deep", 3, 0, 0]]
+    assert header["groups"] == 1 and header["top_groups"] == [["room", 1]]
+    assert header["counters"]["received"] == 4
+    assert header["uptime"] == 5.0
+    assert header["bytes_held"] == router.delivery.bytes_held > 0

@@ -17,6 +17,7 @@ ERROR_CODES = {
     "too-large": "the message body exceeds the broker's maximum message size",
     "bad-body": "the message body is not a msgpack map with a str 'type'",
     "full": "the channel already holds its capacity of messages",
+    "memory": "the broker holds its max-memory of queued messages; try again when receivers catch up",
     "no-reservation": "a POST named a channel where this client holds no reserved slot",
     "unconfirmed": "the owner of a process-specific channel did not confirm its group subscription",
     "not-member": "the channel is not (or no longer) a member of the group",

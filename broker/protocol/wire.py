@@ -27,6 +27,7 @@ from .notices import Ack, Bye, Credit, Joined, Post, Release  # noqa: F401
 
 MAX_PATTERNS = 32
 MAX_PATTERN_LENGTH = 200
+MAX_STATS_TOP = 1000
 
 
 @dataclass(frozen=True)
@@ -243,10 +244,33 @@ class Ping(Flush):
 
     VERB: ClassVar[str] = "PING"
 
+@dataclass(frozen=True)
+class Stats(Request):
+    """What an operator needs at a glance: clients, the ``top`` deepest channels and largest
+    groups, counters, memory held, uptime (see docs/protocol.md for the reply)."""
+
+    VERB: ClassVar[str] = "STATS"
+    top: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.top <= MAX_STATS_TOP:
+            raise ProtocolError("bad-value", f"'top' must be from 1 to {MAX_STATS_TOP}; got {self.top!r}",
+                                limit=MAX_STATS_TOP)
+
+    @classmethod
+    def from_wire(cls, header, body):
+        no_body(cls.VERB, body)
+        return cls(int_field(header, "id"), int_field(header, "top", low=1, default=10))
+
+    def header(self):
+        return {"id": self.id, "top": self.top}
+
+
 COMMANDS: dict[bytes, type[Command]] = {
     verb_frame(cls.VERB): cls
     for cls in (Hello, Send, Reserve, GroupSend, GroupAdd, GroupSync, GroupDiscard, Flush, Ping,
-                Credit, Ack, Bye, Post, Release, Joined)
+                Credit, Ack, Bye, Post, Release, Joined, Stats)
 }
 
 
