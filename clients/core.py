@@ -39,7 +39,7 @@ import msgpack
 from broker.protocol import wire
 from broker.protocol.errors import ProtocolError
 from broker.protocol.names import (
-    CONTROL_TOPIC, check_channel, check_group, group_topic, owner_of,
+    CONTROL_TOPIC, check_channel, group_topic, owner_of,
 )
 
 from .errors import (

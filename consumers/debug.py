@@ -89,3 +89,65 @@ def listen(client, emit: Callable[[str], None], *, channel: str | None = None,
         if group is not None:
             client.group_discard(group, channel)
     return shown
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def rates(sample: dict, previous: dict | None) -> dict:
+    """Messages in and out per second between two STATS samples (empty without a previous one)."""
+    if previous is None:
+        return {}
+    elapsed = sample["uptime"] - previous["uptime"]
+    if elapsed <= 0:
+        return {}
+    now, before = sample["counters"], previous["counters"]
+    return {
+        "in_per_s": (now["received"] - before["received"]) / elapsed,
+        "out_per_s": (now["delivered"] - before["delivered"]) / elapsed,
+    }
+
+
+def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = False) -> str:
+    """The operator's view of a STATS reply: a few lines of text, or one JSON object."""
+    per_second = rates(sample, previous)
+    if as_json:
+        return json.dumps({**sample, "rates": per_second}, sort_keys=True)
+    counters = sample["counters"]
+    lines = [
+        f"channelbus broker: up {_duration(sample['uptime'])}, {sample['clients']} client(s),"
+        f" memory {_size(sample['bytes_held'])} of {_size(sample['max_memory'])}",
+        f"messages: received {counters['received']}, delivered {counters['delivered']}"
+        + (f" ({per_second['in_per_s']:.1f}/s in, {per_second['out_per_s']:.1f}/s out)" if per_second else ""),
+        f"refused: full {counters['full']}, too large {counters['too_large']},"
+        f" memory {counters['memory_refused']}, bad frames {counters['bad_frames']};"
+        f" expired {counters['expired']}",
+        f"channels: {sample['channels']} (queued {sample['queued']}, in flight {sample['inflight']},"
+        f" reserved {sample['reserved']})",
+    ]
+    if sample["top_channels"]:
+        lines.append(f"  {'QUEUED':>8} {'IN FLIGHT':>9} {'RESERVED':>8}  CHANNEL")
+        for name, queued, inflight, reserved in sample["top_channels"]:
+            lines.append(f"  {queued:>8} {inflight:>9} {reserved:>8}  {name}")
+    lines.append(f"groups: {sample['groups']} (group sends {counters['group_sends']},"
+                 f" members skipped as full {counters['group_skipped']})")
+    if sample["top_groups"]:
+        lines.append(f"  {'MEMBERS':>8}  GROUP")
+        for name, members in sample["top_groups"]:
+            lines.append(f"  {members:>8}  {name}")
+    return "\n".join(lines)

@@ -35,6 +35,7 @@ OPTIONS = {  # long option -> (BrokerConfig field, environment variable)
     "--max-group-expiry": ("max_group_expiry", "CHANNELBUS_MAX_GROUP_EXPIRY"),
     "--max-message-size": ("max_message_size", "CHANNELBUS_MAX_MESSAGE_SIZE"),
     "--max-bad-frames": ("max_bad_frames", "CHANNELBUS_MAX_BAD_FRAMES"),
+    "--max-memory": ("max_memory", "CHANNELBUS_MAX_MEMORY"),
     "--log-level": ("log_level", "CHANNELBUS_LOG_LEVEL"),
 }
 
@@ -48,6 +49,7 @@ VALUES = [
     ("--max-group-expiry", "3600", 3600.0),
     ("--max-message-size", "2MiB", 2 * MiB),
     ("--max-bad-frames", "7", 7),
+    ("--max-memory", "64MiB", 64 * MiB),
     ("--log-level", "debug", "DEBUG"),
 ]
 
@@ -312,6 +314,7 @@ PRECEDENCE = [  # option, file value (TOML), env value, flag value, parsed: defa
     ("--max-group-expiry", "10", "20", "30", (604800.0, 10.0, 20.0, 30.0)),
     ("--max-message-size", '"1KiB"', "2KiB", "3KiB", (MiB, 1024, 2048, 3072)),
     ("--max-bad-frames", "10", "20", "30", (100, 10, 20, 30)),
+    ("--max-memory", '"1MiB"', "2MiB", "3MiB", (512 * MiB, MiB, 2 * MiB, 3 * MiB)),
     ("--log-level", '"error"', "warning", "debug", ("INFO", "ERROR", "WARNING", "DEBUG")),
 ]
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from clients import Client
 from consumer_helpers import bus, channelbus, processes  # noqa: F401 (fixtures)
-from consumers import cli
+from consumers import commands as cli
 from test_runner import free_port
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,7 +15,7 @@ from broker.protocol import wire
 from broker.protocol.names import group_topic
 from clients import Client
 from consumer_helpers import bus, channelbus, processes  # noqa: F401 (fixtures)
-from consumers import cli
+from consumers import commands as cli
 from runner_probe import GROUP, WORK
 
 pytestmark = pytest.mark.timeout(60)
