@@ -22,6 +22,15 @@ from .sync import DEFAULT_URL
 DRAIN_BATCH = 512
 
 
+class _Expired(Exception):
+    """A wait's own timer fired (cheaper than asyncio.wait_for, which wraps a task)."""
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 class AsyncClient:
     """An asyncio connection to a channelbus broker; same settings and API as ``Client``.
 
@@ -36,8 +45,9 @@ class AsyncClient:
         self._context = context or zmq.Context.instance()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future] = {}
-        self._arrivals: dict[object, asyncio.Future] = {}
+        self._arrivals: dict[object, list[asyncio.Future]] = {}  # channel or marker key -> waiters
         self._drain_scheduled = False
+        self._ack_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -71,7 +81,8 @@ class AsyncClient:
         except BaseException as exc:
             self._connecting.set_exception(exc)
             self._connecting.exception()  # mark retrieved
-            await self.close()
+            self._teardown(BusError(f"connecting to {self.url} failed: {exc}"), goodbye=False)
+            self._loop = self._connecting = None  # a later call tries again
             raise
 
     async def _open(self) -> None:
@@ -84,8 +95,8 @@ class AsyncClient:
             sock.setsockopt(zmq.SNDHWM, 0)
         self._dealer.setsockopt(zmq.ROUTING_ID, self._core.client_id.encode())
         self._dealer.connect(self.url)
-        self._loop.add_reader(self._dealer.getsockopt(zmq.FD), self._schedule_drain)
-        self._loop.add_reader(self._sub.getsockopt(zmq.FD), self._schedule_drain)
+        self._loop.add_reader(self._dealer.getsockopt(zmq.FD), self._drain)
+        self._loop.add_reader(self._sub.getsockopt(zmq.FD), self._drain)
         self._core.on_hello(await self._call(*self._core.hello()), time.time())
         self._sub.connect(publisher_url(self._core.pub_endpoint, self.url))
         self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
@@ -102,6 +113,7 @@ class AsyncClient:
             await self._call(rid, frames)
             return
         self._check_loop()
+        self._flush_outgoing()  # acks of messages taken so far go first
         self._dealer.send_multipart(frames, zmq.NOBLOCK)
         if self._core.refilling:
             self._drain()  # take in grants now: a sender that never yields still gets them
@@ -125,24 +137,16 @@ class AsyncClient:
         core.start_receiving(channel)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            message = core.pop(channel, time.monotonic())
-            self._flush_outgoing()
+            message = core.pop(channel, time.monotonic(), defer_ack=True)
             if message is not None:
+                if not self._ack_scheduled:  # one ACK for what this loop iteration takes
+                    self._ack_scheduled = True
+                    self._loop.call_soon(self._send_acks)
                 return message
-            waiter = self._arrivals.get(channel)
-            if waiter is None:
-                waiter = self._arrivals[channel] = self._loop.create_future()
-            try:
-                if deadline is None:
-                    await asyncio.shield(waiter)
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise asyncio.TimeoutError
-                    await asyncio.wait_for(asyncio.shield(waiter), remaining)
-            except asyncio.TimeoutError:
+            self._flush_outgoing()
+            if not await self._arrival(channel, deadline):
                 raise ReceiveTimeout(f"no message on {channel!r} within {timeout:g} s",
-                                     channel=channel, timeout=timeout) from None
+                                     channel=channel, timeout=timeout)
 
     def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name owned by this client (no round trip)."""
@@ -165,18 +169,13 @@ class AsyncClient:
         deadline = time.monotonic() + self.timeout
         key = ("marker", group, channel)
         while core.marker_pending(group, channel):
-            waiter = self._arrivals.get(key)
-            if waiter is None:
-                waiter = self._arrivals[key] = self._loop.create_future()
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            if not await self._arrival(key, deadline):
                 core.abandon(group, channel)
                 self._flush_outgoing()
                 raise BrokerUnavailable(
                     f"group_add({group!r}, {channel!r}): the broker's subscription marker did not"
                     f" arrive within {self.timeout:g} s", endpoint=self.url, timeout=self.timeout,
-                ) from None
+                )
 
     async def group_discard(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group`` (not an error if it was not a member)."""
@@ -187,6 +186,8 @@ class AsyncClient:
         """Drop every queued message and group membership in the broker."""
         await self.connect()
         await self._call(*self._core.flush())
+        self._core.flushed()
+        self._flush_outgoing()
 
     async def ping(self) -> float:
         """One round trip to the broker; returns its duration in seconds."""
@@ -213,29 +214,34 @@ class AsyncClient:
             except BusError:
                 pass
         self._closed = True
-        if self._loop is None:
-            return
+        if self._loop is not None:
+            self._teardown(BusError("the client was closed"), goodbye=True)
+
+    def _teardown(self, reason: BusError, goodbye: bool) -> None:
+        """Stop timers and readers, (say goodbye,) close the sockets, fail every waiter."""
         for timer in (self._sync_timer, self._release_timer):
             if timer is not None:
                 timer.cancel()
-        for sock in (self._dealer, self._sub):
+        self._sync_timer = self._release_timer = None
+        sockets = [sock for sock in (getattr(self, "_dealer", None), getattr(self, "_sub", None)) if sock]
+        for sock in sockets:
             try:
                 self._loop.remove_reader(sock.getsockopt(zmq.FD))
             except (zmq.ZMQError, ValueError, RuntimeError):
                 pass
-        try:
-            for frames in self._core.goodbye():
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+        if goodbye:
+            try:
+                for frames in self._core.goodbye():
+                    self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
         # A short linger lets the last ACK and BYE leave (a dropped ACK would have the broker
         # hand consumed messages to someone else); close() itself does not wait for it.
-        self._dealer.close(linger=CLOSE_LINGER_MS)
-        self._sub.close(linger=0)
-        closed = BusError("the client was closed")
-        for fut in [*self._pending.values(), *self._arrivals.values()]:
+        for sock in sockets:
+            sock.close(linger=CLOSE_LINGER_MS if goodbye and sock is self._dealer else 0)
+        for fut in [*self._pending.values(), *(f for waiters in self._arrivals.values() for f in waiters)]:
             if not fut.done():
-                fut.set_exception(closed)
+                fut.set_exception(reason)
                 fut.exception()
         self._pending.clear()
         self._arrivals.clear()
@@ -253,31 +259,40 @@ class AsyncClient:
             raise BusError("the client is closed")
         self._check_loop()
         future = self._pending[rid] = self._loop.create_future()
+        self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
         self._dealer.send_multipart(frames, zmq.NOBLOCK)
         self._schedule_drain()
+        timer = self._loop.call_later(self.timeout, _expire, future)
         try:
-            result = await asyncio.wait_for(future, self.timeout)
-        except asyncio.TimeoutError:
+            result = await future
+        except _Expired:
             self._core.ignored.add(rid)
             raise BrokerUnavailable(
                 f"no reply from the broker at {self.url} within {self.timeout:g} s",
                 endpoint=self.url, timeout=self.timeout,
             ) from None
         finally:
+            timer.cancel()
             self._pending.pop(rid, None)
         if isinstance(result, BusError):
             raise result
         return result
 
+    def _send_acks(self) -> None:
+        self._ack_scheduled = False
+        if not self._closed:
+            self._core.flush_acks()
+            self._flush_outgoing()
+
     def _schedule_drain(self) -> None:
-        if not self._drain_scheduled and not self._closed:
+        if not self._drain_scheduled and not self._closed and self._loop is not None:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
 
     def _drain(self) -> None:
         """Read everything both sockets hold (up to a batch), then send what follows."""
         self._drain_scheduled = False
-        if self._closed:
+        if self._closed or self._dealer.closed:  # (closed, or torn down after a failed connect)
             return
         core = self._core
         more = False
@@ -305,9 +320,29 @@ class AsyncClient:
                 future.set_result(event[2])
             return
         key = event[1] if kind == "arrived" else event
-        waiter = self._arrivals.pop(key, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in self._arrivals.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _arrival(self, key, deadline: float | None) -> bool:
+        """Wait until something arrives for ``key`` (a channel, or a marker key); False when
+        ``deadline`` (monotonic) passes first. Cancelling it cancels only this waiter."""
+        future = self._loop.create_future()
+        waiters = self._arrivals.setdefault(key, [])
+        waiters.append(future)
+        timer = None
+        if deadline is not None:
+            timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, future)
+        try:
+            await future
+            return True
+        except _Expired:
+            return False
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if future in waiters:
+                waiters.remove(future)
 
     def _arm_sync_timer(self) -> None:
         if not self._core.awaiting and self._sync_timer is None:

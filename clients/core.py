@@ -13,8 +13,9 @@ Local state:
 
 - ``queues``: messages delivered to this process and not yet taken by ``receive``, per channel,
   as ``(body, deadline, direct)``. Direct messages (pushed by the broker on the ROUTER) are
-  acknowledged once taken or expired, in batches, so the broker's count of what a channel holds
-  stays right; group messages for process-specific channels arrive on the topic and are bounded
+  acknowledged as soon as they are taken or found expired (the asyncio shell coalesces the acks
+  of one loop iteration and sends them before anything else), so the broker's count of what a
+  channel holds stays exact; group messages for process-specific channels arrive on the topic and are bounded
   here by capacity.
 - ``reserved``: slots the broker reserved for this client's sends, per channel. While it has
   one, ``send`` is a POST that needs no reply, so a sender that awaits every send still streams;
@@ -48,7 +49,6 @@ from .errors import (
 
 log = logging.getLogger("channelbus.client")
 
-ACK_BATCH = 16
 RESERVE_WANT = 64  # slots asked for per channel; the broker grants at most half the free room
 RELEASE_IDLE = 0.25  # seconds after the last send before unused slots go back
 RECEIVE_WINDOW = 64
@@ -284,6 +284,11 @@ class ClientCore:
     def flush(self) -> tuple[int, list[bytes]]:
         return self._build(wire.Flush)
 
+    def flushed(self) -> None:
+        """FLUSH succeeded: forget local state now, not when the broker's notice arrives on the
+        publisher (which is not ordered with the reply), so the next receive sees none of it."""
+        self._on_flush()
+
     def ping(self) -> tuple[int, list[bytes]]:
         return self._build(wire.Ping)
 
@@ -319,8 +324,10 @@ class ClientCore:
             self.credited.add(channel)
             self.outgoing.append(("dealer", wire.Credit(channel, self.receive_window).frames()))
 
-    def pop(self, channel: str, now: float) -> dict | None:
-        """Take the next live message of ``channel``, or None. Acks what it takes or drops."""
+    def pop(self, channel: str, now: float, defer_ack: bool = False) -> dict | None:
+        """Take the next live message of ``channel``, or None, and acknowledge what it takes or
+        drops: at once, or (``defer_ack``) when the shell calls ``flush_acks``, which it must do
+        before it sends anything else and before its event loop idles."""
         queue = self.queues.get(channel)
         message = None
         while queue:
@@ -332,9 +339,16 @@ class ClientCore:
                 break
         if queue is not None and not queue:
             del self.queues[channel]
-        if self.pending_acks.get(channel, 0) >= ACK_BATCH or (channel in self.pending_acks and not queue):
+        if self.pending_acks and not defer_ack:
+            # Until the broker hears of it, a taken message still counts towards its channel's
+            # capacity, and ChannelFull must mean what it says.
             self._flush_acks()
         return message
+
+    def flush_acks(self) -> None:
+        """Queue an ACK for every message taken since the last one (no-op when there is none)."""
+        if self.pending_acks:
+            self._flush_acks()
 
     def _flush_acks(self) -> None:
         acks, self.pending_acks = self.pending_acks, {}

@@ -76,6 +76,7 @@ class Client:
             return
         if self._closed:
             raise BusError("the client is closed")
+        self._flush_outgoing()
         self._dealer.send_multipart(frames)
         if self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._io(0)  # take in grants that arrived, so the reservation stays topped up
@@ -143,6 +144,8 @@ class Client:
     def flush(self) -> None:
         """Drop every queued message and group membership in the broker."""
         self._call(*self._core.flush())
+        self._core.flushed()
+        self._flush_outgoing()
 
     def ping(self) -> float:
         """One round trip to the broker; returns its duration in seconds."""
@@ -185,6 +188,7 @@ class Client:
     def _call(self, rid: int, frames: list[bytes]) -> dict:
         if self._closed:
             raise BusError("the client is closed")
+        self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
         self._dealer.send_multipart(frames)
         deadline = time.monotonic() + self.timeout
         while rid not in self._replies:

@@ -90,3 +90,24 @@ def test_concurrent_receives_on_one_channel_each_get_a_different_message(broker)
             assert sorted(message["i"] for message in results) == list(range(20))
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_an_async_client_that_failed_to_connect_can_try_again(broker_factory):
+    from clients import BrokerUnavailable
+
+    broker = broker_factory()
+    port = broker.url.rpartition(":")[2]
+
+    async def main():
+        client = AsyncClient("tcp://127.0.0.1:9", timeout=0.3)
+        with pytest.raises(BrokerUnavailable):
+            await client.connect()
+        client.url = broker.url  # the operator fixes the address; the same object connects now
+        await client.connect()
+        await client.send("q", {"type": "x"})
+        assert (await client.receive("q", timeout=5))["type"] == "x"
+        await client.close()
+        return port
+
+    assert asyncio.run(main()) == port

@@ -1,0 +1,166 @@
+"""The client's pure half (clients.core.ClientCore): no sockets, an injected clock."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from broker.protocol import wire
+from broker.protocol.names import CONTROL_TOPIC, group_topic
+from clients.core import RELEASE_IDLE, RESERVE_WANT, ClientCore
+
+CLIENT = "c0ffee000001"
+
+
+def core(**settings) -> ClientCore:
+    c = ClientCore(client_id=CLIENT, **settings)
+    c.on_hello({"id": 1, "pub": "tcp://127.0.0.1:5556", "time": 1000.0, "max_message_size": 1 << 20}, 1000.0)
+    return c
+
+
+def sent(c: ClientCore) -> list[tuple[bytes, dict]]:
+    """(verb, header) of each frame set the core queued for the DEALER."""
+    return [(item[0], msgpack.unpackb(item[1])) for kind, item in c.take_outgoing() if kind == "dealer"]
+
+
+def msg(channel: str, *bodies: bytes, ttl: int = 60_000, at: float | None = None) -> list[bytes]:
+    header = {"ch": channel, "ttl": [ttl] * len(bodies)}
+    if at is not None:
+        header["at"] = at
+    return [wire.MSG, wire.pack(header), *bodies]
+
+
+BODY = msgpack.packb({"type": "t"})
+
+
+def test_a_lone_send_is_a_plain_request_that_reserves_nothing():
+    c = core()
+    rid, frames = c.send("q", {"type": "t"}, now=0.0)
+    assert rid is not None and frames[0] == b"\x01SEND"
+    assert "want" not in msgpack.unpackb(frames[1])
+
+
+def test_a_second_send_soon_after_asks_for_slots_and_the_grant_turns_sends_into_posts():
+    c = core()
+    c.send("q", {"type": "t"}, now=0.0)
+    rid, frames = c.send("q", {"type": "t"}, now=0.01)
+    assert msgpack.unpackb(frames[1])["want"] == RESERVE_WANT
+    c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": 3})], now=0.02)
+    for _ in range(3):
+        rid, frames = c.send("q", {"type": "t"}, now=0.03)
+        assert rid is None and frames[0] == b"\x01POST"
+    assert c.unconfirmed == 3
+    rid, frames = c.send("q", {"type": "t"}, now=0.04)
+    assert frames[0] == b"\x01SEND"  # the slots are used up: back to a request
+
+
+def test_a_low_reservation_is_topped_up_with_a_reserve_whose_reply_is_handled_inside():
+    c = core()
+    c.send("q", {"type": "t"}, now=0.0)
+    rid, _ = c.send("q", {"type": "t"}, now=0.01)
+    c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": RESERVE_WANT // 2 + 1})], now=0.02)
+    c.send("q", {"type": "t"}, now=0.03)  # leaves RESERVE_WANT // 2: time to top up
+    [(verb, header)] = sent(c)
+    assert verb == b"\x01RESERVE" and header["want"] == RESERVE_WANT
+    assert c.on_dealer([wire.OK, wire.pack({"id": header["id"], "grant": 10})], now=0.04) == []
+    assert c.reserved["q"] == RESERVE_WANT // 2 + 10
+
+
+def test_unused_slots_go_back_after_release_idle():
+    c = core()
+    c.send("q", {"type": "t"}, now=0.0)
+    rid, _ = c.send("q", {"type": "t"}, now=0.01)
+    c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": 5})], now=0.02)
+    assert c.release_idle(0.1) == pytest.approx(0.01 + RELEASE_IDLE)
+    assert sent(c) == []
+    assert c.release_idle(0.01 + RELEASE_IDLE) is None
+    assert sent(c) == [(b"\x01RELEASE", {"slots": {"q": 5}})]
+
+
+def test_a_reply_confirms_every_post_before_it():
+    c = core()
+    c.reserved["q"] = 2
+    c.send("q", {"type": "t"}, now=0.0)
+    assert c.unconfirmed == 1
+    rid, frames = c.ping()
+    c.on_dealer([wire.OK, wire.pack({"id": rid})], now=0.1)
+    assert c.unconfirmed == 0
+
+
+def test_taking_a_message_acknowledges_it_at_once_unless_deferred():
+    c = core()
+    c.on_dealer(msg("specific.c0ffee000001!a", BODY, BODY), now=0.0)
+    assert c.pop("specific.c0ffee000001!a", now=0.0) == {"type": "t"}
+    assert sent(c) == [(b"\x01ACK", {"acks": {"specific.c0ffee000001!a": 1}})]
+    assert c.pop("specific.c0ffee000001!a", now=0.0, defer_ack=True) == {"type": "t"}
+    assert sent(c) == []
+    c.flush_acks()
+    assert sent(c) == [(b"\x01ACK", {"acks": {"specific.c0ffee000001!a": 1}})]
+
+
+def test_time_spent_unread_in_the_socket_counts_against_expiry():
+    c = core()  # synchronised at HELLO: our wall clock equals the broker's
+    me = "specific.c0ffee000001!a"
+    c.on_dealer(msg(me, BODY, ttl=1000, at=1000.0), now=50.0, wall=1000.9)  # read 0.9 s late
+    assert c.pop(me, now=50.05) == {"type": "t"}
+    c.on_dealer(msg(me, BODY, ttl=1000, at=1000.0), now=60.0, wall=1001.5)  # read 1.5 s late
+    assert c.pop(me, now=60.0) is None
+    assert sent(c)[-1] == (b"\x01ACK", {"acks": {me: 1}})  # an expired message is acked too
+
+
+def test_flushed_forgets_local_messages_and_memberships_at_once():
+    c = core()
+    me = c.new_channel()
+    c.on_dealer(msg(me, BODY), now=0.0)
+    rid, _ = c.group_add("room", me)
+    c.on_sub([group_topic("room"), wire.pack({"op": "add", "ch": me, "ttl": 60_000})], now=0.0)
+    c.flushed()
+    assert c.pop(me, now=0.0) is None
+    assert c.members == {}
+    assert (b"\x01ACK", {"acks": {me: 1}}) in sent(c)  # the broker still counted it as held
+
+
+def test_a_join_for_an_own_channel_subscribes_syncs_and_confirms_after_the_marker():
+    c = core()
+    me = c.new_channel()
+    assert c.on_dealer([wire.JOIN, wire.pack({"g": "room", "ch": me, "gexp": 60.0})], now=0.0) == []
+    assert ("sub", group_topic("room")) in c.outgoing
+    c.take_outgoing()
+    c.due_syncs(0.0)
+    [(verb, header)] = sent(c)
+    assert verb == b"\x01GSYNC" and header["g"] == "room"
+    c.on_sub([group_topic("room"), wire.pack({"op": "add", "ch": me, "ttl": 60_000})], now=0.01)
+    assert sent(c) == [(b"\x01JOINED", {"g": "room", "ch": me})]
+    assert me in c.members["room"]
+
+
+def test_group_messages_reach_only_active_local_members_within_capacity():
+    c = core(capacity=1)
+    me = c.new_channel()
+    c.group_add("room", me)
+    topic = group_topic("room")
+    c.on_sub([topic, wire.pack({"op": "msg", "ttl": 60_000, "cap": 1}), BODY], now=0.0)
+    assert c.pop(me, now=0.0) is None  # before the add marker: not yet a member
+    c.on_sub([topic, wire.pack({"op": "add", "ch": me, "ttl": 60_000})], now=0.0)
+    for _ in range(2):
+        c.on_sub([topic, wire.pack({"op": "msg", "ttl": 60_000, "cap": 1}), BODY], now=0.0)
+    assert c.skipped == 1
+    assert c.pop(me, now=0.0) == {"type": "t"}
+    assert c.pop(me, now=0.0) is None
+
+
+def test_a_flush_notice_from_another_client_clears_local_state_too():
+    c = core()
+    me = c.new_channel()
+    c.on_dealer(msg(me, BODY), now=0.0)
+    c.on_sub([CONTROL_TOPIC, wire.pack({"op": "flush"})], now=0.0)
+    assert c.pop(me, now=0.0) is None
+
+
+def test_goodbye_acknowledges_deferred_acks_before_bye():
+    c = core()
+    me = c.new_channel()
+    c.on_dealer(msg(me, BODY), now=0.0)
+    c.pop(me, now=0.0, defer_ack=True)
+    frames = c.goodbye()
+    assert [f[0] for f in frames] == [b"\x01ACK", b"\x01BYE"]
