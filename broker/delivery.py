@@ -148,7 +148,6 @@ class Delivery:
         if inbox.depth() >= capacity:
             self.purge(inbox, now)
             if inbox.depth() >= capacity:
-                self.stats["full"] += 1
                 self.gc(name)
                 return False
         inbox.queue.append((body, expires_at))
@@ -181,7 +180,8 @@ class Delivery:
         return True
 
     def release(self, peer: Peer, name: str, n: int) -> None:
-        n = _take(peer.reserved, name, n)
+        """Give back ``n`` of ``peer``'s slots on ``name`` (0: all of them)."""
+        n = _take(peer.reserved, name, n or peer.reserved.get(name, 0))
         inbox = self.inboxes.get(name)
         if n and inbox is not None:
             inbox.reserved -= n

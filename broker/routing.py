@@ -38,6 +38,7 @@ PUB = None  # Out.dest for the publisher socket
 GROUP_SWEEP_SECONDS = 5.0  # group_send also drops expired members of the group it reaches
 REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken")
 RESERVE_HEADROOM = 4  # no new send slots unless this many largest messages would still fit in memory
+RECALL_TIMEOUT = 0.2  # seconds a SEND waits for recalled slots before it is refused as full
 JOIN_TIMEOUT = 5.0  # seconds a GADD for another client's channel waits for that client's JOINED  # answered, not held against the peer
 
 
@@ -70,11 +71,15 @@ class Router:
         self.delivery = Delivery(self.stats, wall_offset)
         # (owner client, group, channel) -> GADDs waiting for the owner's JOINED: [(rid, id, deadline)]
         self.joining: dict[tuple[str, str, str], list[tuple[bytes, int, float]]] = {}
+        # channel -> SENDs that found it full only because of other peers' reserved slots, in
+        # arrival order, waiting for those peers to answer a RECALL: [(rid, Send, deadline)]
+        self.recalling: dict[str, list[tuple[bytes, wire.Send, float]]] = {}
         self.groups = Groups()
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
         self._patterns: dict[str, re.Pattern] = {}
         self._next_group_sweep = 0.0
+        self._last_now = started
         self._handlers: dict[type, Callable] = {
             wire.Hello: self._hello, wire.Send: self._send, wire.Reserve: self._reserve,
             wire.Post: self._post, wire.Release: self._release, wire.GroupSend: self._group_send,
@@ -100,6 +105,7 @@ class Router:
 
     def handle(self, rid: bytes, frames: list[bytes], now: float) -> list[Out]:
         """Process one message from peer ``rid``; return what to send."""
+        self._last_now = now
         if rid in self.banned:
             if now < self.banned[rid]:
                 return []
@@ -134,6 +140,8 @@ class Router:
             self.groups.expire(now)
             self._next_group_sweep = now + GROUP_SWEEP_SECONDS
         out = self.delivery.tick(now)
+        for name in [n for n, waiting in self.recalling.items() if waiting[0][2] <= now]:
+            out += self._retry_recalled(name, now, final=True)
         for key in [k for k, waiters in self.joining.items() if any(w[2] <= now for w in waiters)]:
             late = [w for w in self.joining[key] if w[2] <= now]
             self.joining[key] = [w for w in self.joining[key] if w[2] > now]
@@ -171,11 +179,19 @@ class Router:
 
     def _forget(self, peer: Peer) -> list[Out]:
         """Drop a peer and everything of its; answer GADDs that waited for it."""
+        held = list(peer.reserved)
         self.delivery.forget(peer, drop_specific=True)
         self.groups.drop_owner(peer.client)
         out: list[Out] = []
         for key in [k for k in self.joining if k[0] == peer.client]:
             out += self._unconfirmed(key, self.joining.pop(key), "disconnected")
+        for name, waiting in list(self.recalling.items()):
+            waiting[:] = [w for w in waiting if w[0] != peer.rid]
+            if not waiting:
+                del self.recalling[name]
+        for name in held:
+            if name in self.recalling:
+                out += self._retry_recalled(name, self._last_now, final=False)
         return out
 
     def _strike(self, rid: bytes, err: ProtocolError, now: float, request_id=None) -> list[Out]:
@@ -287,20 +303,64 @@ class Router:
         self._check_memory(len(cmd.body))
         self.stats["received"] += 1
         delivery = self.delivery
-        if not delivery.enqueue(cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now):
-            raise ProtocolError(
-                "full", f"channel {cmd.channel!r} already holds its capacity of {cmd.capacity} messages",
-                channel=cmd.channel, capacity=cmd.capacity,
-            )
+        if cmd.channel in self.recalling or not delivery.enqueue(
+            cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now
+        ):
+            return self._recall_or_refuse(peer, cmd, now)
         reply = wire.ok(cmd.id)
-        if cmd.want and self._memory_left(RESERVE_HEADROOM * self.limits.max_message_size):
+        if cmd.want and cmd.channel not in self.recalling and self._memory_left(
+            RESERVE_HEADROOM * self.limits.max_message_size
+        ):
             reply = wire.ok(cmd.id, grant=delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now))
         return [Out(peer.rid, reply), *delivery.kick(cmd.channel, now)]
+
+    def _full(self, cmd: wire.Send) -> ProtocolError:
+        self.stats["full"] += 1
+        return ProtocolError(
+            "full", f"channel {cmd.channel!r} already holds its capacity of {cmd.capacity} messages",
+            channel=cmd.channel, capacity=cmd.capacity,
+        )
+
+    def _recall_or_refuse(self, peer: Peer, cmd: wire.Send, now: float) -> list[Out]:
+        """A SEND found no room. If other senders hold reserved slots there, ask them to give
+        them back (RECALL) and answer once they have, so ChannelFull counts only messages;
+        otherwise refuse it as full."""
+        inbox = self.delivery.inboxes.get(cmd.channel)
+        holders = [p for p in self.delivery.peers.values()
+                   if p is not peer and p.reserved.get(cmd.channel)] if inbox is not None else []
+        waiting = self.recalling.get(cmd.channel)
+        if not holders and not waiting:
+            raise self._full(cmd)
+        self.recalling.setdefault(cmd.channel, []).append((peer.rid, cmd, now + RECALL_TIMEOUT))
+        recall = wire.pack({"ch": cmd.channel})
+        return [Out(holder.rid, [wire.RECALL, recall]) for holder in holders]
+
+    def _retry_recalled(self, name: str, now: float, final: bool) -> list[Out]:
+        """Try the SENDs waiting on ``name`` again, in order; answer those that fit, and the
+        rest with ``full`` once no recalled slots are left (or, ``final``, their time is up)."""
+        waiting = self.recalling.pop(name, [])
+        out: list[Out] = []
+        delivery = self.delivery
+        for index, (rid, cmd, deadline) in enumerate(waiting):
+            peer = delivery.peers.get(rid)
+            if peer is None:
+                continue
+            if delivery.enqueue(name, cmd.body, cmd.capacity, now + cmd.expiry, now):
+                self.stats["received"] += 1
+                out.append(Out(rid, wire.ok(cmd.id)))
+                out += delivery.kick(name, now)
+                continue
+            others = any(p is not peer and p.reserved.get(name) for p in delivery.peers.values())
+            if others and not final and deadline > now:
+                self.recalling[name] = waiting[index:]  # still waiting for a RECALL answer
+                break
+            out.append(Out(rid, wire.error(cmd.id, self._full(cmd))))
+        return out
 
     def _reserve(self, peer: Peer, cmd: wire.Reserve, now: float) -> list[Out]:
         self._check_settings(cmd.capacity)
         grant = 0
-        if self._memory_left(RESERVE_HEADROOM * self.limits.max_message_size):
+        if cmd.channel not in self.recalling and self._memory_left(RESERVE_HEADROOM * self.limits.max_message_size):
             grant = self.delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now)
         return [Out(peer.rid, wire.ok(cmd.id, grant=grant))]
 
@@ -317,9 +377,12 @@ class Router:
         return self.delivery.kick(cmd.channel, now)
 
     def _release(self, peer: Peer, cmd: wire.Release, now: float) -> list[Out]:
+        out: list[Out] = []
         for name, n in cmd.slots:
             self.delivery.release(peer, name, n)
-        return []
+            if name in self.recalling:
+                out += self._retry_recalled(name, now, final=False)
+        return out
 
     def _group_send(self, peer: Peer, cmd: wire.GroupSend, now: float) -> list[Out]:
         for capacity in (cmd.capacity, *(cap for _, cap in cmd.channel_capacity)):

@@ -20,7 +20,8 @@ Local state:
 - ``reserved``: slots the broker reserved for this client's sends, per channel. While it has
   one, ``send`` is a POST that needs no reply, so a sender that awaits every send still streams;
   ``ChannelFull`` stays exact because reserved slots count as held in the broker. Slots are
-  topped up ahead of need (RESERVE) and given back after RELEASE_IDLE seconds without sends.
+  topped up ahead of need (RESERVE) and given back after RELEASE_IDLE seconds without sends,
+  or at once when the broker RECALLs them because another sender is waiting for room.
 - ``members``: which of this process's own channels belong to which group, and until when. A
   membership becomes active when the broker's ``add`` marker for it arrives on the topic: then
   the subscription is live, and every later group message is seen after it.
@@ -122,6 +123,7 @@ class ClientCore:
         self.last_send: dict[str, float] = {}  # when each channel was last sent to
         self.granting: dict[int, str] = {}  # SEND request id -> channel (its reply grants slots)
         self.refilling: dict[int, str] = {}  # RESERVE request id -> channel
+        self.voided: set[int] = set()  # ids whose grants a RECALL cancelled before they came
         self.unconfirmed = 0  # POSTs sent since the last reply: a reply confirms all before it
         self.clock_offset = 0.0  # broker wall clock minus ours, measured at HELLO
         self.joins: set[tuple[str, str]] = set()  # JOINs to confirm with JOINED once subscribed
@@ -221,6 +223,14 @@ class ClientCore:
         if grant:
             self.reserved[channel] = self.reserved.get(channel, 0) + grant
             self.last_send.setdefault(channel, now)
+
+    def _recalled(self, channel: str) -> None:
+        """Another sender is waiting for room on ``channel``: give back every slot held there,
+        including grants still on their way (their replies will be ignored)."""
+        self.reserved.pop(channel, None)
+        for pending in (self.granting, self.refilling):
+            self.voided.update(rid for rid, ch in pending.items() if ch == channel)
+        self.outgoing.append(("dealer", wire.Release(((channel, 0),)).frames()))
 
     def release_idle(self, now: float) -> float | None:
         """Give back slots on channels not sent to for RELEASE_IDLE seconds; return when the
@@ -367,6 +377,9 @@ class ClientCore:
             for body, ttl in zip(frames[2:], header["ttl"]):
                 queue.append((body, self._deadline(header, ttl, now, wall), True))
             return [("arrived", channel)]
+        if verb == wire.RECALL:
+            self._recalled(header["ch"])
+            return []
         if verb == wire.JOIN:
             group, channel = header["g"], header["ch"]
             if self.owns(channel):
@@ -381,8 +394,9 @@ class ClientCore:
         if verb == wire.OK:
             result = header
             channel = self.granting.pop(rid, None) or self.refilling.get(rid)
-            if channel is not None:
+            if channel is not None and rid not in self.voided:
                 self._granted(channel, header, now)
+            self.voided.discard(rid)
         else:
             result = from_reply(header)
             self.granting.pop(rid, None)

@@ -164,3 +164,18 @@ def test_goodbye_acknowledges_deferred_acks_before_bye():
     c.pop(me, now=0.0, defer_ack=True)
     frames = c.goodbye()
     assert [f[0] for f in frames] == [b"\x01ACK", b"\x01BYE"]
+
+
+def test_a_recall_gives_back_every_slot_including_grants_on_their_way():
+    c = core()
+    c.send("q", {"type": "t"}, now=0.0)
+    rid, _ = c.send("q", {"type": "t"}, now=0.01)
+    c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": RESERVE_WANT // 2 + 1})], now=0.02)
+    c.send("q", {"type": "t"}, now=0.03)  # leaves RESERVE_WANT // 2 and sends a RESERVE
+    [(_, reserve)] = sent(c)
+    assert c.on_dealer([b"\x01RECALL", wire.pack({"ch": "q"})], now=0.04) == []
+    assert sent(c) == [(b"\x01RELEASE", {"slots": {"q": 0}})]
+    c.on_dealer([wire.OK, wire.pack({"id": reserve["id"], "grant": 9})], now=0.05)
+    assert c.reserved.get("q", 0) == 0  # the late grant was part of what went back
+    rid, frames = c.send("q", {"type": "t"}, now=0.06)
+    assert frames[0] == b"\x01SEND"

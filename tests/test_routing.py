@@ -13,7 +13,7 @@ import pytest
 
 from broker.protocol import wire
 from broker.protocol.names import CONTROL_TOPIC, group_topic
-from broker.routing import GROUP_SWEEP_SECONDS, JOIN_TIMEOUT, PUB, Limits, Out, Router
+from broker.routing import GROUP_SWEEP_SECONDS, JOIN_TIMEOUT, PUB, RECALL_TIMEOUT, Limits, Out, Router
 
 A_ID, B_ID, C_ID = "aaaa1111", "bbbb2222", "cccc3333"
 A_SPECIFIC = f"specific.{A_ID}!x"
@@ -637,11 +637,45 @@ def test_a_post_without_a_reserved_slot_is_refused_and_not_queued(router, a):
     assert "q" not in router.inboxes
 
 
-def test_reserved_slots_count_towards_capacity(router, a, c):
+def test_reserved_slots_count_towards_capacity_until_recalled(router, a, c):
     ok(a.reserve("q", 2, cap=5), b"A")  # grant (5 - 0) // 2 = 2
     for n in range(3):
         ok(c.send("q", n, cap=5), b"C")
-    error(c.send("q", 9, cap=5), b"C", "full")
+    outs = c.send("q", 3, cap=5)  # room only in A's slots: ask A for them, answer later
+    assert replies(outs, b"C") == []
+    assert replies(outs, b"A") == [("RECALL", {"ch": "q"})]
+    ok(a.release(("q", 0)), b"C")  # 0: all of them
+    assert len(router.inboxes["q"].queue) == 4
+
+
+def test_a_recalled_holder_that_posts_first_leaves_the_waiting_send_full(router, a, c):
+    ok(a.reserve("q", 2, cap=5), b"A")
+    for n in range(3):
+        ok(c.send("q", n, cap=5), b"C")
+    c.send("q", 8, cap=5)
+    a.post("q", 4)
+    a.post("q", 5)  # A used both slots before it read the RECALL
+    header = error(a.release(("q", 0)), b"C", "full")
+    assert header["capacity"] == 5
+    assert len(router.inboxes["q"].queue) == 5  # exactly the capacity, never more
+
+
+def test_a_send_waiting_on_a_silent_holder_is_refused_after_the_recall_timeout(router, a, c):
+    ok(a.reserve("q", 2, cap=5), b"A")
+    for n in range(3):
+        ok(c.send("q", n, cap=5), b"C")
+    c.send("q", 9, cap=5, now=1.0)
+    assert replies(router.tick(1.0 + RECALL_TIMEOUT / 2), b"C") == []
+    error(router.tick(1.0 + RECALL_TIMEOUT), b"C", "full")
+    assert router.recalling == {}
+
+
+def test_a_holder_that_leaves_frees_its_slots_for_the_waiting_send(router, a, c):
+    ok(a.reserve("q", 2, cap=5), b"A")
+    for n in range(3):
+        ok(c.send("q", n, cap=5), b"C")
+    c.send("q", 3, cap=5)
+    ok(a.bye(), b"C")
 
 
 def test_a_full_channel_grants_no_slots_and_it_is_not_an_error(router, a):

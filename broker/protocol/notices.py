@@ -100,7 +100,10 @@ class Post(Command):
 
 @dataclass(frozen=True)
 class Release(Command):
-    """Notice: give back reserved slots this client will not use, as (channel, count) pairs."""
+    """Notice: give back reserved slots this client will not use, as (channel, count) pairs.
+
+    A count of 0 means every slot the broker counts for this client on that channel, including
+    grants still on their way: the answer to a RECALL."""
 
     VERB: ClassVar[str] = "RELEASE"
     slots: tuple[tuple[str, int], ...] = ()
@@ -108,7 +111,7 @@ class Release(Command):
     def __post_init__(self) -> None:
         for channel, n in self.slots:
             check_channel(channel)
-            int_field({"n": n}, "n", low=1)
+            int_field({"n": n}, "n")
 
     @classmethod
     def from_wire(cls, header, body):

@@ -317,6 +317,7 @@ OK = verb_frame("OK")
 ERROR = verb_frame("ERROR")
 MSG = verb_frame("MSG")
 JOIN = verb_frame("JOIN")
+RECALL = verb_frame("RECALL")
 
 
 def ok(request_id: int | None, **fields: object) -> list[bytes]:
