@@ -18,7 +18,9 @@ Errors follow the layer specification: ``channels.exceptions.ChannelFull`` from 
 
 ``prefix`` (default empty) namespaces every channel and group name on the broker, so several
 projects can share one broker: the wire name is ``<prefix>.<name>``. ``channel_capacity``
-patterns match the name without the prefix.
+patterns match the name without the prefix. The broker's name rules apply to the wire name, so a
+prefix shortens the longest name you can use by ``len(prefix) + 1``; ``flush()`` empties the
+whole broker, whatever the prefix.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import asyncio
 import fnmatch
 import re
 import types
+import weakref
 
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer
 
 from .asyncio import AsyncClient
+from .core import compile_capacities
 from .errors import ChannelFull as BusChannelFull
 from .errors import InvalidName
 
@@ -54,8 +58,12 @@ class BusChannelLayer(BaseChannelLayer):
         self.group_expiry = group_expiry
         self.timeout = timeout
         self._pre = f"{prefix}." if prefix else ""
-        self.channel_capacity = self._wire_capacities(channel_capacity or {})
+        # As in channels_redis: compiled (pattern, capacity) pairs, so get_capacity() works.
+        self.channel_capacity = self.compile_capacities(channel_capacity or {})
+        self._wire_channel_capacity = self._wire_capacities(channel_capacity or {})
+        compile_capacities(self._wire_channel_capacity)  # a bad pattern or value fails here, not at first use
         self._clients: dict[asyncio.AbstractEventLoop, AsyncClient] = {}
+        self._watched: weakref.WeakSet = weakref.WeakSet()  # loops whose close() is wrapped
 
     def _wire_capacities(self, channel_capacity) -> dict:
         """channel_capacity patterns rewritten to match names with the prefix in front."""
@@ -78,11 +86,12 @@ class BusChannelLayer(BaseChannelLayer):
         if client is None:
             client = AsyncClient(
                 self.hosts[0], capacity=self.capacity, expiry=self.expiry,
-                group_expiry=self.group_expiry, channel_capacity=self.channel_capacity,
+                group_expiry=self.group_expiry, channel_capacity=self._wire_channel_capacity,
                 timeout=self.timeout,
             )
             self._clients[loop] = client
-            self._close_with(loop)
+            if loop not in self._watched:
+                self._close_with(loop)
         await client.connect()
         return client
 
@@ -92,6 +101,7 @@ class BusChannelLayer(BaseChannelLayer):
         original = loop.close
 
         def close(self_loop, *args, **kwargs):
+            layer._watched.discard(self_loop)
             client = layer._clients.pop(self_loop, None)
             if client is not None and not self_loop.is_running() and not self_loop.is_closed():
                 self_loop.run_until_complete(client.close())
@@ -99,6 +109,7 @@ class BusChannelLayer(BaseChannelLayer):
             return original(*args, **kwargs)
 
         loop.close = types.MethodType(close, loop)
+        self._watched.add(loop)
 
     # -- the layer specification ----------------------------------------------------------
 
