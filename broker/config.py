@@ -55,6 +55,7 @@ class BrokerConfig:
     max_message_size: int = 1024 * 1024
     max_bad_frames: int = 100
     max_memory: int = 512 * 1024 * 1024
+    heartbeat: float = 1.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ class BrokerConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
-        for name in ("max_expiry", "max_group_expiry"):
+        for name in ("max_expiry", "max_group_expiry", "heartbeat"):
             value = getattr(self, name)
             if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a finite number of seconds above 0, got {value!r}")
@@ -78,6 +79,7 @@ class BrokerConfig:
             max_message_size=self.max_message_size, max_capacity=self.max_capacity,
             max_expiry=float(self.max_expiry), max_group_expiry=float(self.max_group_expiry),
             max_bad_frames=self.max_bad_frames, max_memory=self.max_memory,
+            heartbeat=float(self.heartbeat),
         )
 
 

@@ -48,11 +48,13 @@ class Peer:
     credits: dict[str, int] = field(default_factory=dict)
     unacked: dict[str, deque] = field(default_factory=dict)  # pushed items, oldest first
     reserved: dict[str, int] = field(default_factory=dict)
+    blocked_until: float = 0.0
+    heartbeat: float = 0.0  # seconds between the client's heartbeats; 0: it sends none
+    last_seen: float = 0.0
 
     @property
     def inflight(self) -> dict[str, int]:
         return {name: len(items) for name, items in self.unacked.items()}
-    blocked_until: float = 0.0
 
 
 @dataclass

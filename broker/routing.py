@@ -39,7 +39,8 @@ GROUP_SWEEP_SECONDS = 5.0  # group_send also drops expired members of the group 
 REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken")
 RESERVE_HEADROOM = 4  # no new send slots unless this many largest messages would still fit in memory
 RECALL_TIMEOUT = 0.2  # seconds a SEND waits for recalled slots before it is refused as full
-JOIN_TIMEOUT = 5.0  # seconds a GADD for another client's channel waits for that client's JOINED  # answered, not held against the peer
+JOIN_TIMEOUT = 5.0
+LIVENESS = 3  # heartbeat intervals of silence after which a peer that promised heartbeats is dead  # seconds a GADD for another client's channel waits for that client's JOINED  # answered, not held against the peer
 
 
 @dataclass(frozen=True)
@@ -53,17 +54,19 @@ class Limits:
     max_bad_frames: int = 100
     ban_seconds: float = 10.0
     max_memory: int = 512 * 1024 * 1024  # bytes of queued messages (bodies + ITEM_OVERHEAD each)
+    heartbeat: float = 1.0  # seconds between the broker's heartbeats to each peer
 
 
 class Router:
     def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "", wall_offset: float = 0.0,
-                 started: float = 0.0) -> None:
+                 started: float = 0.0, instance: str = "") -> None:
         """``wall_offset`` turns the monotonic ``now`` into wall-clock seconds for the ``at`` and
         ``time`` fields, which let clients discount time a message spent in their socket."""
         self.limits = limits
         self.pub_endpoint = pub_endpoint
         self.wall_offset = wall_offset
         self.started = started
+        self.instance = instance  # changes with every broker start, so clients can tell
         self.stats = dict.fromkeys(
             ("received", "delivered", "full", "expired", "too_large", "memory_refused",
              "bad_frames", "group_sends", "group_skipped"), 0,
@@ -87,6 +90,7 @@ class Router:
             wire.GroupDiscard: self._group_discard, wire.Flush: self._flush,
             wire.Ping: self._ping, wire.Credit: self._credit, wire.Ack: self._ack,
             wire.Bye: self._bye, wire.Joined: self._joined, wire.Stats: self._stats,
+            wire.Heartbeat: self._heartbeat,
         }
 
     @property
@@ -115,6 +119,8 @@ class Router:
         except ProtocolError as err:
             return self._strike(rid, err, now)
         peer = self.delivery.peers.get(rid)
+        if peer is not None:
+            peer.last_seen = now
         if peer is None and type(cmd) is not wire.Hello:
             if type(cmd) is wire.Bye:
                 return []
@@ -159,6 +165,18 @@ class Router:
             name=channel,
         )
         return [Out(rid, wire.error(request_id, err)) for rid, request_id, _ in waiters]
+
+    def heartbeat(self, now: float) -> list[Out]:
+        """Every ``limits.heartbeat`` seconds: forget peers silent for LIVENESS of their own
+        intervals; send every other peer a heartbeat (an unroutable one, a vanished peer, makes
+        the server call ``peer_gone``)."""
+        out: list[Out] = []
+        for peer in list(self.delivery.peers.values()):
+            if peer.heartbeat and now - peer.last_seen > LIVENESS * peer.heartbeat:
+                out += self._forget(peer)
+        beat = [wire.HB, wire.pack({"instance": self.instance})]
+        out += [Out(rid, beat) for rid in self.delivery.peers]
+        return out
 
     def unsent(self, rid: bytes, push: tuple[str, list], now: float, gone: bool) -> list[Out]:
         """The server could not send a MSG: requeue its items at the front of the inbox.
@@ -283,15 +301,19 @@ class Router:
             raise ProtocolError("id-taken", f"client id {cmd.client!r} is in use by a live client")
         old = delivery.peers.get(rid)
         out = self._forget(old) if old is not None and old.client != cmd.client else []
-        if rid not in delivery.peers:
+        resumed = rid in delivery.peers
+        if not resumed:
             delivery.peers[rid] = Peer(rid, cmd.client)
+        peer = delivery.peers[rid]
+        peer.heartbeat, peer.last_seen = cmd.heartbeat, now
         delivery.by_client[cmd.client] = rid
         lim = self.limits
         out.append(Out(rid, wire.ok(
             cmd.id, client=cmd.client, pub=self.pub_endpoint, version=wire.VERSION,
             max_message_size=lim.max_message_size, max_capacity=lim.max_capacity,
             max_expiry=lim.max_expiry, max_group_expiry=lim.max_group_expiry,
-            time=now + self.wall_offset,
+            time=now + self.wall_offset, heartbeat=lim.heartbeat, instance=self.instance,
+            resumed=resumed,
         )))
         for name in [n for n, box in delivery.inboxes.items() if box.queue and owner_of(n) == cmd.client]:
             out += delivery.kick(name, now)  # messages that waited for this client
@@ -301,12 +323,12 @@ class Router:
         self._check_settings(cmd.capacity, cmd.expiry)
         self._check_body(cmd.body)
         self._check_memory(len(cmd.body))
-        self.stats["received"] += 1
         delivery = self.delivery
         if cmd.channel in self.recalling or not delivery.enqueue(
             cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now
         ):
             return self._recall_or_refuse(peer, cmd, now)
+        self.stats["received"] += 1
         reply = wire.ok(cmd.id)
         if cmd.want and cmd.channel not in self.recalling and self._memory_left(
             RESERVE_HEADROOM * self.limits.max_message_size
@@ -504,6 +526,9 @@ class Router:
             groups=len(sizes), top_groups=[[g, sizes[g]] for g in largest],
             counters=dict(self.stats),
         ))]
+
+    def _heartbeat(self, peer: Peer, cmd: wire.Heartbeat, now: float) -> list[Out]:
+        return []  # (handle() has noted the peer as seen)
 
     def _bye(self, peer: Peer, cmd: wire.Bye, now: float) -> list[Out]:
         return self._forget(peer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import secrets
 import re
 import threading
 import time
@@ -74,7 +75,7 @@ class BrokerServer:
         advertised = self.config.advertise or self.pub_endpoint
         self.router = Router(
             self.config.limits(), advertised, wall_offset=time.time() - time.monotonic(),
-            started=time.monotonic(),
+            started=time.monotonic(), instance=secrets.token_hex(8),
         )
         if not self.config.advertise and _wildcard_host(self.pub_endpoint):
             log.info("publisher bound to all interfaces: clients dial it on the host they used")
@@ -105,6 +106,7 @@ class BrokerServer:
         poller.register(self._commands, zmq.POLLIN)
         poller.register(self._publisher, zmq.POLLIN)
         next_tick = time.monotonic() + TICK_SECONDS
+        next_beat = time.monotonic() + self.config.heartbeat
         try:
             while not self._stop.is_set():
                 timeout = max(0.0, next_tick - time.monotonic())
@@ -117,6 +119,9 @@ class BrokerServer:
                 if now >= next_tick:
                     self._send(self.router.tick(now), now)
                     next_tick = now + TICK_SECONDS
+                if now >= next_beat:
+                    self._send(self.router.heartbeat(now), now)
+                    next_beat = now + self.config.heartbeat
         finally:
             self.close()
             log.info("channelbus broker stopped")

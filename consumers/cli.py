@@ -157,6 +157,10 @@ def main() -> None:
               envvar="CHANNELBUS_MAX_MEMORY", show_envvar=True,
               help="Ceiling on queued message bytes the broker holds; past it sends are refused"
                    " (error 'memory') until receivers catch up.")
+@click.option("--heartbeat", type=SECONDS, default=1.0, show_default=True,
+              envvar="CHANNELBUS_HEARTBEAT", show_envvar=True,
+              help="Seconds between heartbeats to each client; a client that promised heartbeats"
+                   " and stays silent for 3 of its intervals is dropped.")
 @click.option("--max-bad-frames", type=COUNT, default=100, show_default=True,
               envvar="CHANNELBUS_MAX_BAD_FRAMES", show_envvar=True,
               help="Bad messages a peer may send before it is ignored for 10 s.")

@@ -36,6 +36,7 @@ OPTIONS = {  # long option -> (BrokerConfig field, environment variable)
     "--max-message-size": ("max_message_size", "CHANNELBUS_MAX_MESSAGE_SIZE"),
     "--max-bad-frames": ("max_bad_frames", "CHANNELBUS_MAX_BAD_FRAMES"),
     "--max-memory": ("max_memory", "CHANNELBUS_MAX_MEMORY"),
+    "--heartbeat": ("heartbeat", "CHANNELBUS_HEARTBEAT"),
     "--log-level": ("log_level", "CHANNELBUS_LOG_LEVEL"),
 }
 
@@ -50,6 +51,7 @@ VALUES = [
     ("--max-message-size", "2MiB", 2 * MiB),
     ("--max-bad-frames", "7", 7),
     ("--max-memory", "64MiB", 64 * MiB),
+    ("--heartbeat", "0.5", 0.5),
     ("--log-level", "debug", "DEBUG"),
 ]
 
@@ -315,6 +317,7 @@ PRECEDENCE = [  # option, file value (TOML), env value, flag value, parsed: defa
     ("--max-message-size", '"1KiB"', "2KiB", "3KiB", (MiB, 1024, 2048, 3072)),
     ("--max-bad-frames", "10", "20", "30", (100, 10, 20, 30)),
     ("--max-memory", '"1MiB"', "2MiB", "3MiB", (512 * MiB, MiB, 2 * MiB, 3 * MiB)),
+    ("--heartbeat", "2", "3", "4", (1.0, 2.0, 3.0, 4.0)),
     ("--log-level", '"error"', "warning", "debug", ("INFO", "ERROR", "WARNING", "DEBUG")),
 ]
 

@@ -169,6 +169,8 @@ ROUND_TRIPS = [
     wire.Release((("tasks", 3), ("other", 1))),
     wire.Joined("room1", "specific.abcd1234!x"),
     wire.Stats(13, 25),
+    wire.Heartbeat(),
+    wire.Hello(14, "abcd1234", 1.5),
     wire.Ack((("tasks", 2), ("specific.abcd1234!x", 1))),
     wire.Ack(()),
     wire.Bye(),
@@ -298,6 +300,7 @@ GOOD_HEADERS = {
     "RELEASE": ({"slots": {"q": 1}}, ()),
     "JOINED": ({"g": "g", "ch": "q!x"}, ()),
     "STATS": ({"id": 1}, ()),
+    "HB": ({}, ()),
 }
 
 

@@ -1088,3 +1088,37 @@ def test_stats_reports_clients_deepest_channels_groups_and_counters(router, a, b
     assert header["counters"]["received"] == 4
     assert header["uptime"] == 5.0
     assert header["bytes_held"] == router.delivery.bytes_held > 0
+
+
+# -- heartbeats -----------------------------------------------------------------------------
+
+
+def test_heartbeat_beats_every_peer_with_the_broker_instance(a, b):
+    router = Router(instance="feedbead")
+    x = FakeClient(router, b"X", A_ID)
+    ok(x.hello(), b"X")
+    assert replies(router.heartbeat(1.0), b"X") == [("HB", {"instance": "feedbead"})]
+
+
+def test_a_peer_that_promised_heartbeats_and_fell_silent_is_forgotten():
+    router = Router()
+    x = FakeClient(router, b"X", A_ID)
+    ok(x.raw(wire.Hello(1, A_ID, 1.0).frames(), 0.0), b"X")
+    x.group_add("room", f"specific.{A_ID}!q", now=0.5)
+    x.raw(wire.Heartbeat().frames(), 2.0)
+    router.heartbeat(4.9)  # 2.9 s of silence: still alive
+    assert b"X" in router.peers
+    router.heartbeat(5.1)
+    assert b"X" not in router.peers
+    assert len(router.groups) == 0
+
+
+def test_a_peer_without_heartbeats_is_never_forgotten_for_silence(router, a):
+    router.heartbeat(10_000.0)
+    assert b"A" in router.peers
+
+
+def test_hello_says_whether_the_broker_still_knew_the_client(router):
+    x = FakeClient(router, b"X", A_ID)
+    assert ok(x.hello(), b"X")["resumed"] is False
+    assert ok(x.hello(), b"X")["resumed"] is True

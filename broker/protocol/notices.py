@@ -145,3 +145,18 @@ class Joined(Command):
 
     def header(self):
         return {"g": self.group, "ch": self.channel}
+
+
+@dataclass(frozen=True)
+class Heartbeat(Command):
+    """Notice: the client is alive (sent when it has sent nothing else for its interval)."""
+
+    VERB: ClassVar[str] = "HB"
+
+    @classmethod
+    def from_wire(cls, header, body):
+        no_body(cls.VERB, body)
+        return cls()
+
+    def header(self):
+        return {}

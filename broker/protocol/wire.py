@@ -23,7 +23,7 @@ from .fields import (  # noqa: F401  (re-exported: the wire format in one import
     no_body, one_body, pack, seconds_field, unpack_header, verb_frame,
 )
 from .names import check_channel, check_client_id, check_group
-from .notices import Ack, Bye, Credit, Joined, Post, Release  # noqa: F401
+from .notices import Ack, Bye, Credit, Heartbeat, Joined, Post, Release  # noqa: F401
 
 MAX_PATTERNS = 32
 MAX_PATTERN_LENGTH = 200
@@ -32,22 +32,31 @@ MAX_STATS_TOP = 1000
 
 @dataclass(frozen=True)
 class Hello(Request):
-    """Opens a session: names the client id the connection uses (its ZeroMQ routing id)."""
+    """Opens (or resumes) a session: names the client id the connection uses (its ZeroMQ
+    routing id) and the interval, in seconds, of the heartbeats the client promises to send
+    (``hb``; 0: none, the broker then relies on the connection alone)."""
 
     VERB: ClassVar[str] = "HELLO"
     client: str = ""
+    heartbeat: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_client_id(self.client)
+        if type(self.heartbeat) not in (int, float) or not 0 <= self.heartbeat <= 3600:
+            raise ProtocolError("bad-value", f"field 'hb' must be seconds from 0 to 3600; got {self.heartbeat!r}",
+                                name="hb")
 
     @classmethod
     def from_wire(cls, header, body):
         no_body(cls.VERB, body)
-        return cls(int_field(header, "id"), field_value(header, "client"))
+        return cls(int_field(header, "id"), field_value(header, "client"), header.get("hb", 0.0))
 
     def header(self):
-        return {"id": self.id, "client": self.client}
+        header = {"id": self.id, "client": self.client}
+        if self.heartbeat:
+            header["hb"] = self.heartbeat
+        return header
 
 
 @dataclass(frozen=True)
@@ -270,7 +279,7 @@ class Stats(Request):
 COMMANDS: dict[bytes, type[Command]] = {
     verb_frame(cls.VERB): cls
     for cls in (Hello, Send, Reserve, GroupSend, GroupAdd, GroupSync, GroupDiscard, Flush, Ping,
-                Credit, Ack, Bye, Post, Release, Joined, Stats)
+                Credit, Ack, Bye, Post, Release, Joined, Stats, Heartbeat)
 }
 
 
@@ -318,6 +327,7 @@ ERROR = verb_frame("ERROR")
 MSG = verb_frame("MSG")
 JOIN = verb_frame("JOIN")
 RECALL = verb_frame("RECALL")
+HB = verb_frame("HB")
 
 
 def ok(request_id: int | None, **fields: object) -> list[bytes]:
