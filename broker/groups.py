@@ -75,6 +75,10 @@ class Groups:
             self.discard(group, channel)
         return len(expired)
 
+    def owned_by(self, client: str) -> list[tuple[str, str]]:
+        """The (group, channel) memberships of ``client``'s process-specific channels."""
+        return sorted(self._by_owner.get(client, ()))
+
     def drop_owner(self, client: str) -> list[tuple[str, str]]:
         """Remove every membership of the channels owned by ``client``; return them."""
         owned = list(self._by_owner.get(client, ()))

@@ -18,7 +18,8 @@ Channels, credit and reservations live in ``delivery.Delivery`` (see its rules).
   process-specific channels are published on the same topic, so each client sees them in order
   with the messages (GADD and GSYNC publish an ``add`` marker; the client that waits for
   ``group_add`` to finish waits for that marker, which proves its subscription is live).
-- A peer that sends more than ``max_bad_frames`` bad messages is ignored for ``ban_seconds``.
+- A peer that sends more than ``max_bad_frames`` bad messages within STRIKE_WINDOW seconds is
+  ignored for ``ban_seconds``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken")
 RESERVE_HEADROOM = 4  # no new send slots unless this many largest messages would still fit in memory
 RECALL_TIMEOUT = 0.2  # seconds a SEND waits for recalled slots before it is refused as full
 JOIN_TIMEOUT = 5.0
+STRIKE_WINDOW = 60.0  # seconds over which bad messages are counted against max_bad_frames
 LIVENESS = 3  # heartbeat intervals of silence after which a peer that promised heartbeats is dead  # seconds a GADD for another client's channel waits for that client's JOINED  # answered, not held against the peer
 
 
@@ -80,6 +82,7 @@ class Router:
         self.groups = Groups()
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
+        self._strikes_since: dict[bytes, float] = {}
         self._patterns: dict[str, re.Pattern] = {}
         self._next_group_sweep = 0.0
         self._last_now = started
@@ -216,12 +219,17 @@ class Router:
         self.stats["bad_frames"] += 1
         if request_id is None:
             request_id = getattr(err, "request_id", None)
-        count = self.strikes.get(rid, 0) + 1
         if len(self.strikes) > 10_000:
             self.strikes.clear()
-        self.strikes[rid] = count
+            self._strikes_since.clear()
+        since = self._strikes_since.get(rid)
+        if since is None or now - since > STRIKE_WINDOW:  # the budget is per window, not per life
+            self.strikes[rid] = 0
+            self._strikes_since[rid] = now
+        count = self.strikes[rid] = self.strikes.get(rid, 0) + 1
         if count > self.limits.max_bad_frames:
             del self.strikes[rid]
+            del self._strikes_since[rid]
             self.banned[rid] = now + self.limits.ban_seconds
             peer = self.delivery.peers.get(rid)
             forgotten = self._forget(peer) if peer is not None else []
@@ -317,6 +325,10 @@ class Router:
         )))
         for name in [n for n, box in delivery.inboxes.items() if box.queue and owner_of(n) == cmd.client]:
             out += delivery.kick(name, now)  # messages that waited for this client
+        if not resumed:  # memberships recorded while it was away: it must subscribe to them
+            for group, channel in self.groups.owned_by(cmd.client):
+                join = {"g": group, "ch": channel, "gexp": self.groups.expires_at(group, channel) - now}
+                out.append(Out(rid, [wire.JOIN, wire.pack(join)]))
         return out
 
     def _send(self, peer: Peer, cmd: wire.Send, now: float) -> list[Out]:
@@ -327,7 +339,10 @@ class Router:
         if cmd.channel in self.recalling or not delivery.enqueue(
             cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now
         ):
-            return self._recall_or_refuse(peer, cmd, now)
+            # A sender whose own slots are what fills the channel (its grant crossed this SEND)
+            # uses one of them; otherwise others' slots may be recalled.
+            if not delivery.post(peer, cmd.channel, cmd.body, now + cmd.expiry):
+                return self._recall_or_refuse(peer, cmd, now)
         self.stats["received"] += 1
         reply = wire.ok(cmd.id)
         if cmd.want and cmd.channel not in self.recalling and self._memory_left(

@@ -176,6 +176,9 @@ class AsyncClient:
                     f"group_add({group!r}, {channel!r}): the broker's subscription marker did not"
                     f" arrive within {self.timeout:g} s", endpoint=self.url, timeout=self.timeout,
                 )
+        failure = core.marker_failure(group, channel)
+        if failure is not None:
+            raise failure
 
     async def group_discard(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group`` (not an error if it was not a member)."""

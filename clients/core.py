@@ -124,6 +124,9 @@ class ClientCore:
         self.granting: dict[int, str] = {}  # SEND request id -> channel (its reply grants slots)
         self.refilling: dict[int, str] = {}  # RESERVE request id -> channel
         self.voided: set[int] = set()  # ids whose grants a RECALL cancelled before they came
+        self.syncing: dict[int, tuple[str, str]] = {}  # GSYNC request id -> (group, channel)
+        self.marker_failures: dict[tuple[str, str], BusError] = {}
+        self.broker_instance = ""
         self.unconfirmed = 0  # POSTs sent since the last reply: a reply confirms all before it
         self.clock_offset = 0.0  # broker wall clock minus ours, measured at HELLO
         self.joins: set[tuple[str, str]] = set()  # JOINs to confirm with JOINED once subscribed
@@ -286,6 +289,11 @@ class ClientCore:
     def marker_pending(self, group: str, channel: str) -> bool:
         return (group, channel) in self.awaiting
 
+    def marker_failure(self, group: str, channel: str) -> BusError | None:
+        """Why waiting for (group, channel)'s marker ended without it (e.g. the membership
+        expired or was discarded meanwhile), or None when the marker came."""
+        return self.marker_failures.pop((group, channel), None)
+
     def group_discard(self, group: str, channel: str) -> tuple[int, list[bytes]]:
         rid, frames = self._build(wire.GroupDiscard, group=group, channel=channel)
         self._leave(group, channel)
@@ -377,6 +385,8 @@ class ClientCore:
             for body, ttl in zip(frames[2:], header["ttl"]):
                 queue.append((body, self._deadline(header, ttl, now, wall), True))
             return [("arrived", channel)]
+        if verb == wire.HB:
+            return [("heartbeat", header.get("instance", ""))]
         if verb == wire.RECALL:
             self._recalled(header["ch"])
             return []
@@ -388,6 +398,9 @@ class ClientCore:
                 self.retry[(group, channel)] = SYNC_RETRY
                 self.joins.add((group, channel))
             return []
+        if verb not in (wire.OK, wire.ERROR):
+            log.debug("ignoring a broker message with the unknown verb %r", verb)
+            return []  # a newer broker may send notices this client does not know
         rid = header.get("id")
         if rid is not None:
             self.unconfirmed = 0  # the broker handles a connection's messages in order
@@ -402,9 +415,12 @@ class ClientCore:
             self.granting.pop(rid, None)
             if rid is None:
                 log.error("the broker refused a notice: %s", result)
-            if rid in self.ignored:
-                for key in [k for k in self.awaiting if k[1] == header.get("name")]:
-                    self._leave(*key)  # the membership GSYNC asked about is gone
+        key = self.syncing.pop(rid, None)
+        if key is not None and isinstance(result, BusError) and key in self.awaiting:
+            self._leave(*key)  # the membership GSYNC asked about is gone: group_add has failed
+            self.marker_failures[key] = result
+            self.ignored.discard(rid)
+            return [("marker", *key)]
         if self.refilling.pop(rid, None) is not None:
             return []
         if rid in self.ignored:
@@ -500,6 +516,7 @@ class ClientCore:
             if due <= now:
                 rid, frames = self._build(wire.GroupSync, group=key[0], channel=key[1])
                 self.ignored.add(rid)
+                self.syncing[rid] = key
                 self.outgoing.append(("dealer", frames))
                 delay = self.retry[key] = min(SYNC_RETRY_MAX, self.retry[key] * 2)
                 self.awaiting[key] = now + delay

@@ -136,6 +136,9 @@ class Client:
                     f" arrive within {self.timeout:g} s", endpoint=self.url, timeout=self.timeout,
                 )
             self._io(remaining)
+        failure = core.marker_failure(group, channel)
+        if failure is not None:
+            raise failure
 
     def group_discard(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group`` (not an error if it was not a member)."""

@@ -179,3 +179,23 @@ def test_a_recall_gives_back_every_slot_including_grants_on_their_way():
     assert c.reserved.get("q", 0) == 0  # the late grant was part of what went back
     rid, frames = c.send("q", {"type": "t"}, now=0.06)
     assert frames[0] == b"\x01SEND"
+
+
+def test_broker_heartbeats_and_unknown_verbs_are_not_errors():
+    c = core()
+    assert c.on_dealer([wire.HB, wire.pack({"instance": "ab"})], now=0.0) == [("heartbeat", "ab")]
+    assert c.on_dealer([b"\x01FUTURE", wire.pack({})], now=0.0) == []
+
+
+def test_a_group_add_whose_membership_vanished_fails_instead_of_waiting():
+    c = core()
+    me = c.new_channel()
+    rid, _ = c.group_add("room", me)
+    c.expect_marker("room", me, now=0.0)
+    c.due_syncs(1.0)
+    [(verb, header)] = sent(c)
+    assert verb == b"\x01GSYNC"
+    error = {"id": header["id"], "code": "not-member", "message": "gone", "name": me}
+    assert c.on_dealer([wire.ERROR, wire.pack(error)], now=1.0) == [("marker", "room", me)]
+    assert not c.marker_pending("room", me)
+    assert c.marker_failure("room", me).code == "not-member"

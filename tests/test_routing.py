@@ -1122,3 +1122,31 @@ def test_hello_says_whether_the_broker_still_knew_the_client(router):
     x = FakeClient(router, b"X", A_ID)
     assert ok(x.hello(), b"X")["resumed"] is False
     assert ok(x.hello(), b"X")["resumed"] is True
+
+
+def test_a_send_that_crosses_its_own_grant_uses_one_of_its_own_slots(router, a):
+    ok(a.reserve("q", 2, cap=4), b"A")  # 2 of 4 reserved by A
+    ok(a.send("q", 0, cap=4), b"A")
+    ok(a.send("q", 1, cap=4), b"A")
+    ok(a.send("q", 2, cap=4), b"A")  # full but for A's own slots: it takes one
+    assert router.peers[b"A"].reserved == {"q": 1}
+    assert len(router.inboxes["q"].queue) == 3
+
+
+def test_bad_frames_are_counted_per_window_not_per_lifetime():
+    from broker.routing import STRIKE_WINDOW
+
+    router = Router(STRICT)
+    peer = FakeClient(router, b"X", A_ID)
+    for _ in range(3):
+        peer.raw(GARBAGE, now=0.0)
+    for _ in range(3):
+        error(peer.raw(GARBAGE, now=STRIKE_WINDOW + 1.0), b"X", "bad-header")
+    assert router.banned == {}
+
+
+def test_an_owner_connecting_is_told_to_join_the_groups_its_channels_were_added_to(router, a):
+    a.group_add("room", B_SPECIFIC, gexp=30.0, now=0.0)  # B is not connected yet
+    b = FakeClient(router, b"B", B_ID)
+    outs = b.hello(now=10.0)
+    assert ("JOIN", {"g": "room", "ch": B_SPECIFIC, "gexp": 20.0}) in replies(outs, b"B")
