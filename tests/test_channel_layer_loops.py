@@ -186,6 +186,8 @@ def test_receives_cancelled_while_messages_stream_in_lose_and_double_nothing(lay
 
     async def send_all(channel):
         for n in range(total):
+            if n % 50 == 0:
+                await asyncio.sleep(0.005)  # a lull: receives waiting now time out mid-wait
             while True:
                 try:
                     await sender.send(channel, {"type": "seq", "n": n})
