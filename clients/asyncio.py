@@ -4,22 +4,38 @@ An AsyncClient belongs to the event loop that connected it (ZeroMQ sockets must 
 or threads); using it from another loop raises RuntimeError. The sockets are plain ZeroMQ
 sockets read from the loop with ``add_reader`` on their (edge-triggered) FD, drained until empty
 after every wake-up and every send.
+
+The link to the broker is watched through the DEALER's monitor socket (a dropped connection is
+seen at once) and heartbeats (a silent broker is given up after LIVENESS of its intervals).
+While the link is down, requests wait for it up to ``timeout``; when it comes back the client
+says HELLO again and, if the broker no longer knows it, replays its credit and memberships.
+Listeners added with ``add_listener`` hear "disconnected" and "reconnected".
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from broker.protocol.names import CONTROL_TOPIC
 
-from .core import CLOSE_LINGER_MS, ClientCore, publisher_url
+from .core import CLOSE_LINGER_MS, HEARTBEAT, LIVENESS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 from .sync import DEFAULT_URL
 
 DRAIN_BATCH = 512
+log = logging.getLogger("channelbus.client")
+
+
+def _call_listener(listener, event: str) -> None:
+    try:
+        listener(event)
+    except Exception:
+        log.exception("connection listener %r failed on %r", listener, event)
 
 
 class _Expired(Exception):
@@ -52,6 +68,16 @@ class AsyncClient:
         self._release_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._connecting: asyncio.Future | None = None
+        self._online = False  # said HELLO on the current connection and heard back
+        self._link_waiters: list[asyncio.Future] = []  # requests waiting for the link
+        self._listeners: list = []
+        self._beat_timer: asyncio.TimerHandle | None = None
+        self._last_heard = self._last_sent = 0.0
+
+    def add_listener(self, listener) -> None:
+        """Call ``listener(event)`` with "disconnected" or "reconnected" as the link changes
+        (from the event loop; an exception in it is logged, not raised)."""
+        self._listeners.append(listener)
 
     @property
     def client_id(self) -> str:
@@ -86,20 +112,56 @@ class AsyncClient:
             raise
 
     async def _open(self) -> None:
-        self._dealer = self._context.socket(zmq.DEALER)
         self._sub = self._context.socket(zmq.SUB)
-        for sock in (self._dealer, self._sub):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.IPV6, 1)
-            sock.setsockopt(zmq.SNDHWM, 0)
-        self._dealer.setsockopt(zmq.ROUTING_ID, self._core.client_id.encode())
-        self._dealer.connect(self.url)
-        self._loop.add_reader(self._dealer.getsockopt(zmq.FD), self._drain)
+        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, 1)):
+            self._sub.setsockopt(option, value)
         self._loop.add_reader(self._sub.getsockopt(zmq.FD), self._drain)
-        self._core.on_hello(await self._call(*self._core.hello()), time.time())
+        self._handshake = self._loop.create_future()
+        self._new_dealer()
+        timer = self._loop.call_later(self.timeout, _expire, self._handshake)
+        try:
+            await self._handshake
+        except _Expired:
+            raise BrokerUnavailable(
+                f"cannot reach the broker at {self.url} within {self.timeout:g} s",
+                endpoint=self.url, timeout=self.timeout,
+            ) from None
+        finally:
+            timer.cancel()
+        await self._hello()
         self._sub.connect(publisher_url(self._core.pub_endpoint, self.url))
         self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
+        self._beat_timer = self._loop.call_later(HEARTBEAT, self._beat)
+
+    def _new_dealer(self) -> None:
+        """A DEALER (and its monitor) to the broker. IMMEDIATE: nothing is queued while no
+        connection is up, so nothing stale reaches a restarted broker before HELLO."""
+        dealer = self._dealer = self._context.socket(zmq.DEALER)
+        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.SNDHWM, 0), (zmq.IPV6, 1),
+                              (zmq.IMMEDIATE, 1), (zmq.RECONNECT_IVL, RECONNECT_MS),
+                              (zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)):
+            dealer.setsockopt(option, value)
+        dealer.setsockopt(zmq.ROUTING_ID, self._core.client_id.encode())
+        self._monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._loop.add_reader(self._monitor.getsockopt(zmq.FD), self._on_link_event)
+        self._loop.add_reader(dealer.getsockopt(zmq.FD), self._drain)
+        dealer.connect(self.url)
+        # ZeroMQ FDs are edge-triggered: read until empty once, or no later event wakes us.
+        self._on_link_event()
+
+    async def _hello(self) -> None:
+        """Say HELLO on a fresh connection; then the link is online."""
+        rid, frames = self._core.hello(HEARTBEAT)
+        header = await self._call(rid, frames, online=True)
+        now = time.monotonic()
+        self._core.on_hello(header, time.time(), now)
+        self._last_heard = now
+        self._online = True
+        self._flush_outgoing()  # the replay, if the broker did not know us
+        for waiter in self._link_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._link_waiters.clear()
 
     # -- the channel layer API --------------------------------------------------------------
 
@@ -114,7 +176,13 @@ class AsyncClient:
             return
         self._check_loop()
         self._flush_outgoing()  # acks of messages taken so far go first
-        self._dealer.send_multipart(frames, zmq.NOBLOCK)
+        try:
+            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:  # the link is down: the slot went with it; send as a request instead
+            self._go_offline("the connection to the broker was lost")
+            await self._call(*self._core.send(channel, message, time.monotonic()))
+            return
+        self._last_sent = time.monotonic()
         if self._core.refilling:
             self._drain()  # take in grants now: a sender that never yields still gets them
         else:
@@ -211,7 +279,7 @@ class AsyncClient:
         """Tell the broker goodbye and close the sockets. Safe to call twice."""
         if self._closed:
             return
-        if self._loop is not None and self._core.unconfirmed:
+        if self._loop is not None and self._online and self._core.unconfirmed:
             try:  # POSTs may still sit in the socket: a round trip sees them through
                 await self.ping()
             except BusError:
@@ -222,11 +290,13 @@ class AsyncClient:
 
     def _teardown(self, reason: BusError, goodbye: bool) -> None:
         """Stop timers and readers, (say goodbye,) close the sockets, fail every waiter."""
-        for timer in (self._sync_timer, self._release_timer):
+        for timer in (self._sync_timer, self._release_timer, self._beat_timer):
             if timer is not None:
                 timer.cancel()
-        self._sync_timer = self._release_timer = None
-        sockets = [sock for sock in (getattr(self, "_dealer", None), getattr(self, "_sub", None)) if sock]
+        self._sync_timer = self._release_timer = self._beat_timer = None
+        self._online = False
+        sockets = [sock for sock in (getattr(self, "_dealer", None), getattr(self, "_sub", None),
+                                     getattr(self, "_monitor", None)) if sock]
         for sock in sockets:
             try:
                 self._loop.remove_reader(sock.getsockopt(zmq.FD))
@@ -238,16 +308,20 @@ class AsyncClient:
                     self._dealer.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+        if getattr(self, "_dealer", None) is not None and not self._dealer.closed:
+            self._dealer.disable_monitor()
         # A short linger lets the last ACK and BYE leave (a dropped ACK would have the broker
         # hand consumed messages to someone else); close() itself does not wait for it.
         for sock in sockets:
             sock.close(linger=CLOSE_LINGER_MS if goodbye and sock is self._dealer else 0)
-        for fut in [*self._pending.values(), *(f for waiters in self._arrivals.values() for f in waiters)]:
+        for fut in [*self._pending.values(), *self._link_waiters,
+                    *(f for waiters in self._arrivals.values() for f in waiters)]:
             if not fut.done():
                 fut.set_exception(reason)
                 fut.exception()
         self._pending.clear()
         self._arrivals.clear()
+        self._link_waiters.clear()
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -257,15 +331,29 @@ class AsyncClient:
                 "this AsyncClient belongs to another event loop; create one client per loop"
             )
 
-    async def _call(self, rid: int, frames: list[bytes]) -> dict:
+    async def _call(self, rid: int, frames: list[bytes], online: bool = False) -> dict:
+        """Send a request and wait for its reply. Unless ``online`` (HELLO itself), wait for
+        the link first; all of it within ``timeout``."""
         if self._closed:
             raise BusError("the client is closed")
         self._check_loop()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if not online and not self._online:
+                await self._wait_for_link(deadline)
+            self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
+            try:
+                self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                break
+            except zmq.Again:  # no connection (IMMEDIATE), though its event is not read yet
+                if online:
+                    raise BrokerUnavailable(f"lost the connection to {self.url}", endpoint=self.url,
+                                            timeout=self.timeout) from None
+                self._go_offline("the connection to the broker was lost")
+        self._last_sent = time.monotonic()
         future = self._pending[rid] = self._loop.create_future()
-        self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
-        self._dealer.send_multipart(frames, zmq.NOBLOCK)
         self._schedule_drain()
-        timer = self._loop.call_later(self.timeout, _expire, future)
+        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, future)
         try:
             result = await future
         except _Expired:
@@ -280,6 +368,100 @@ class AsyncClient:
         if isinstance(result, BusError):
             raise result
         return result
+
+    async def _wait_for_link(self, deadline: float) -> None:
+        waiter = self._loop.create_future()
+        self._link_waiters.append(waiter)
+        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, waiter)
+        try:
+            await waiter
+        except _Expired:
+            raise BrokerUnavailable(
+                f"the broker at {self.url} has been unreachable for {self.timeout:g} s",
+                endpoint=self.url, timeout=self.timeout,
+            ) from None
+        finally:
+            timer.cancel()
+            if waiter in self._link_waiters:
+                self._link_waiters.remove(waiter)
+
+    # -- the link: connection events, heartbeats, reconnection ----------------------------
+
+    def _on_link_event(self) -> None:
+        monitor = self._monitor
+        while not monitor.closed:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                self._go_offline("the connection to the broker was lost")
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if not self._handshake.done():
+                    self._handshake.set_result(None)  # the first connection: _open says HELLO
+                elif not self._online:
+                    self._loop.create_task(self._rejoin())
+
+    def _go_offline(self, why: str) -> None:
+        if not self._online:
+            return
+        self._online = False
+        self._core.disconnected()
+        lost = BrokerUnavailable(
+            f"{why} ({self.url}); the request may or may not have been carried out",
+            endpoint=self.url, timeout=self.timeout,
+        )
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result(lost)
+        self._notify("disconnected")
+
+    async def _rejoin(self) -> None:
+        """Say HELLO on the new connection; announce "reconnected" once the replayed group
+        memberships are confirmed live (so group messages sent after it reach them)."""
+        try:
+            await self._hello()
+            deadline = time.monotonic() + self.timeout
+            self._arm_sync_timer()
+            for key in list(self._core.awaiting):
+                while self._core.marker_pending(*key):
+                    if not await self._arrival(("marker", *key), deadline):
+                        raise BrokerUnavailable(f"group {key[0]!r} was not confirmed after reconnecting")
+        except BusError as exc:  # the connection dropped again, or the broker refused us
+            log.warning("reconnecting to %s: %s", self.url, exc)
+            return
+        self._notify("reconnected")
+
+    def _beat(self) -> None:
+        """Every HEARTBEAT: tell the broker we live if we have been quiet; give up on a broker
+        that has been silent for LIVENESS of its intervals (reconnect on a fresh socket)."""
+        self._beat_timer = None
+        if self._closed:
+            return
+        now = time.monotonic()
+        if self._online:
+            if now - self._last_heard > LIVENESS * self._core.limits.get("heartbeat", HEARTBEAT):
+                self._go_offline("the broker stopped answering")
+                self._loop.remove_reader(self._dealer.getsockopt(zmq.FD))
+                self._loop.remove_reader(self._monitor.getsockopt(zmq.FD))
+                self._dealer.disable_monitor()
+                self._monitor.close(linger=0)
+                self._dealer.close(linger=0)
+                self._new_dealer()
+            elif now - self._last_sent >= HEARTBEAT:
+                self._send_frames(self._core.heartbeat())
+        self._beat_timer = self._loop.call_later(HEARTBEAT, self._beat)
+
+    def _notify(self, event: str) -> None:
+        for listener in self._listeners:
+            self._loop.call_soon(_call_listener, listener, event)
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        try:
+            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            self._last_sent = time.monotonic()
+        except zmq.Again:  # no connection (IMMEDIATE): the link events will tell the rest
+            pass
 
     def _send_acks(self) -> None:
         self._ack_scheduled = False
@@ -300,7 +482,7 @@ class AsyncClient:
         core = self._core
         more = False
         for sock, digest in ((self._dealer, core.on_dealer), (self._sub, core.on_sub)):
-            for _ in range(DRAIN_BATCH):
+            for count in range(DRAIN_BATCH):
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -309,6 +491,8 @@ class AsyncClient:
                     self._dispatch(event)
             else:
                 more = True
+            if count and sock is self._dealer:
+                self._last_heard = time.monotonic()
         self._flush_outgoing()
         self._arm_sync_timer()
         # The FDs are edge-triggered: re-check after reading and sending.
@@ -374,11 +558,15 @@ class AsyncClient:
         sent = False
         for kind, item in self._core.take_outgoing():
             if kind == "dealer":
-                self._dealer.send_multipart(item, zmq.NOBLOCK)
+                try:
+                    self._dealer.send_multipart(item, zmq.NOBLOCK)
+                except zmq.Again:  # link down: notices are moot; the reconnect replays what matters
+                    continue
                 sent = True
             elif kind == "sub":
                 self._sub.setsockopt(zmq.SUBSCRIBE, item)
             else:
                 self._sub.setsockopt(zmq.UNSUBSCRIBE, item)
         if sent:
+            self._last_sent = time.monotonic()
             self._schedule_drain()

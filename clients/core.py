@@ -53,6 +53,10 @@ log = logging.getLogger("channelbus.client")
 RESERVE_WANT = 64  # slots asked for per channel; the broker grants at most half the free room
 RELEASE_IDLE = 0.25  # seconds after the last send before unused slots go back
 RECEIVE_WINDOW = 64
+HEARTBEAT = 1.0  # seconds between the asyncio client's heartbeats (when otherwise quiet)
+LIVENESS = 3  # broker heartbeat intervals of silence after which the link is given up
+RECONNECT_MS = 100  # first reconnection attempt after this long, doubling up to RECONNECT_MAX_MS
+RECONNECT_MAX_MS = 2000
 CLOSE_LINGER_MS = 500  # how long a closed socket may still send its last ACK and BYE
 SYNC_RETRY = 0.05  # first GSYNC retry after this many seconds, doubling up to SYNC_RETRY_MAX
 SYNC_RETRY_MAX = 1.0
@@ -169,16 +173,50 @@ class ClientCore:
         except ProtocolError as err:
             raise bad_name(err) if err.code == "bad-name" else BusError(err.message) from None
 
-    def hello(self) -> tuple[int, list[bytes]]:
-        return self._build(wire.Hello, client=self.client_id)
+    def hello(self, heartbeat: float = 0.0) -> tuple[int, list[bytes]]:
+        """HELLO, promising heartbeats every ``heartbeat`` seconds (0: none)."""
+        return self._build(wire.Hello, client=self.client_id, heartbeat=heartbeat)
 
-    def on_hello(self, header: dict, wall: float) -> None:
+    def on_hello(self, header: dict, wall: float, now: float = 0.0) -> bool:
         """Take the HELLO reply (read at wall-clock time ``wall``): limits, publisher endpoint
-        and the broker's clock, to measure how long later messages waited in the socket."""
+        and the broker's clock, to measure how long later messages waited in the socket.
+
+        When the broker did not know this client (a first connection, or a broker that
+        restarted or dropped it), replay what this client had registered: credit for the
+        channels it receives from and its channels' group memberships. Returns whether the
+        broker resumed an existing session."""
+        first = not self.limits
         self.limits = header
         self.pub_endpoint = header.get("pub", "")
         self.clock_offset = header.get("time", wall) - wall
+        self.broker_instance = header.get("instance", "")
         self.check_limits()
+        resumed = bool(header.get("resumed"))
+        if not first and not resumed:
+            self._replay(now)
+        return resumed
+
+    def _replay(self, now: float) -> None:
+        for channel in sorted(self.credited):
+            self.outgoing.append(("dealer", wire.Credit(channel, self.receive_window).frames()))
+        memberships = {(g, ch): until for g, chs in self.members.items() for ch, until in chs.items()}
+        memberships.update({key: now + self.group_expiry for key in self.awaiting if key not in memberships})
+        for (group, channel), until in sorted(memberships.items()):
+            if until <= now:
+                continue
+            rid, frames = self._build(wire.GroupAdd, group=group, channel=channel, group_expiry=until - now)
+            self.ignored.add(rid)
+            self.outgoing.append(("dealer", frames))
+            self.awaiting[(group, channel)] = now + SYNC_RETRY  # confirmed by the marker again
+            self.retry[(group, channel)] = SYNC_RETRY
+
+    def disconnected(self) -> None:
+        """The connection to the broker is gone: slots it reserved and grants on their way are
+        void, and what was POSTed but not confirmed may be lost with it."""
+        self.reserved.clear()
+        self.voided.update(self.granting)
+        self.voided.update(self.refilling)
+        self.unconfirmed = 0
 
     def _deadline(self, header: dict, ttl_ms: int, now: float, wall: float | None) -> float:
         """Local monotonic deadline of a message: its ttl, less the time since the broker sent
@@ -521,6 +559,9 @@ class ClientCore:
                 delay = self.retry[key] = min(SYNC_RETRY_MAX, self.retry[key] * 2)
                 self.awaiting[key] = now + delay
         return min(self.awaiting.values(), default=None)
+
+    def heartbeat(self) -> list[bytes]:
+        return wire.Heartbeat().frames()
 
     def goodbye(self) -> list[list[bytes]]:
         """The last messages of a connection: acknowledge what was consumed (so the broker puts

@@ -5,16 +5,19 @@ A Client is not thread-safe: use one per thread (ZeroMQ sockets must not be shar
 
 from __future__ import annotations
 
+import logging
 import time
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from broker.protocol.names import CONTROL_TOPIC
 
-from .core import CLOSE_LINGER_MS, ClientCore, publisher_url
+from .core import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 
 DEFAULT_URL = "tcp://127.0.0.1:5555"
+log = logging.getLogger("channelbus.client")
 
 
 class Client:
@@ -25,6 +28,14 @@ class Client:
     bounds every wait for the broker (``BrokerUnavailable`` past it). Connects at once; raises
     ``BrokerUnavailable`` if the broker does not answer HELLO in time and ``LimitExceeded`` if a
     setting is above the broker's ceiling.
+
+    The link is watched through the DEALER's monitor socket whenever the client does I/O: when
+    the connection drops, requests wait for it (up to ``timeout``); when it comes back the client
+    says HELLO again and, if the broker no longer knows it, replays its credit and memberships.
+    A blocking client sends no heartbeats (it may be busy elsewhere); the broker notices its
+    process is gone when the connection closes. Listeners added with ``add_listener`` hear
+    "disconnected" and "reconnected" (once replayed memberships are live again), called from
+    inside whichever client call is doing I/O at the time.
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0, context: zmq.Context | None = None,
@@ -34,25 +45,46 @@ class Client:
         self._core = ClientCore(**settings)
         self._replies: dict[int, object] = {}
         ctx = context or zmq.Context.instance()
+        # IMMEDIATE: nothing is queued while no connection is up, so nothing stale reaches a
+        # restarted broker before HELLO.
         self._dealer = ctx.socket(zmq.DEALER)
         self._sub = ctx.socket(zmq.SUB)
-        for sock in (self._dealer, self._sub):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.IPV6, 1)
-        self._dealer.setsockopt(zmq.ROUTING_ID, self._core.client_id.encode())
+        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, 1)):
+            self._dealer.setsockopt(option, value)
+            self._sub.setsockopt(option, value)
+        for option, value in ((zmq.IMMEDIATE, 1), (zmq.RECONNECT_IVL, RECONNECT_MS),
+                              (zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS),
+                              (zmq.ROUTING_ID, self._core.client_id.encode())):
+            self._dealer.setsockopt(option, value)
+        self._monitor = self._dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._poller = zmq.Poller()
-        self._poller.register(self._dealer, zmq.POLLIN)
-        self._poller.register(self._sub, zmq.POLLIN)
+        for sock in (self._dealer, self._sub, self._monitor):
+            self._poller.register(sock, zmq.POLLIN)
         self._closed = False
+        self._online = False
+        self._hello_rid: int | None = None  # a HELLO on its way after the link came back
+        self._hello_error: BusError | None = None
+        self._listeners: list = []
+        self._rejoining = False  # reconnected, replayed memberships not yet confirmed
         try:
             self._dealer.connect(url)
-            self._core.on_hello(self._call(*self._core.hello()), time.time())
-            self._sub.connect(publisher_url(self._core.pub_endpoint, url))
-            self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
+            self._wait_for_link(time.monotonic() + timeout, first=True)
         except BaseException:
             self._close_sockets()
             raise
+        self._sub.connect(publisher_url(self._core.pub_endpoint, url))
+        self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
+
+    def add_listener(self, listener) -> None:
+        """Call ``listener(event)`` with "disconnected" or "reconnected" as the link changes."""
+        self._listeners.append(listener)
+
+    def _notify(self, event: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("connection listener %r failed on %r", listener, event)
 
     @property
     def client_id(self) -> str:
@@ -77,7 +109,12 @@ class Client:
         if self._closed:
             raise BusError("the client is closed")
         self._flush_outgoing()
-        self._dealer.send_multipart(frames)
+        try:
+            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:  # the link is down: the slot went with it; send as a request instead
+            self._go_offline()
+            self._call(*self._core.send(channel, message, time.monotonic()))
+            return
         if self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._io(0)  # take in grants that arrived, so the reservation stays topped up
         else:
@@ -185,15 +222,25 @@ class Client:
         self._closed = True
         # A short linger lets the last ACK and BYE leave (a dropped ACK would have the broker
         # hand consumed messages to someone else); close() itself does not wait for it.
+        self._dealer.disable_monitor()
+        self._monitor.close(linger=0)
         self._dealer.close(linger=CLOSE_LINGER_MS)
         self._sub.close(linger=0)
 
     def _call(self, rid: int, frames: list[bytes]) -> dict:
         if self._closed:
             raise BusError("the client is closed")
-        self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
-        self._dealer.send_multipart(frames)
         deadline = time.monotonic() + self.timeout
+        while True:
+            if not self._online:
+                self._wait_for_link(deadline)
+            self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
+            try:
+                self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                break
+            except zmq.Again:  # no connection (IMMEDIATE), though its event is not read yet
+                self._go_offline()
+        self._waiting = rid
         while rid not in self._replies:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -208,6 +255,65 @@ class Client:
             raise result
         return result
 
+    def _wait_for_link(self, deadline: float, first: bool = False) -> None:
+        """Do I/O until the link is online (HELLO answered) or ``deadline`` passes."""
+        while not self._online:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                what = "cannot reach" if first else "lost the connection to"
+                raise BrokerUnavailable(
+                    f"{what} the broker at {self.url} (waited {self.timeout:g} s)",
+                    endpoint=self.url, timeout=self.timeout,
+                )
+            self._io(remaining)
+            if isinstance(self._hello_error, BusError):
+                error, self._hello_error = self._hello_error, None
+                raise error
+
+    def _take_hello(self) -> None:
+        """If the HELLO of a new connection has been answered, the link is online."""
+        reply = self._replies.pop(self._hello_rid, None) if self._hello_rid is not None else None
+        if reply is None:
+            return
+        self._hello_rid = None
+        if isinstance(reply, BusError):
+            self._hello_error = reply  # (e.g. LimitExceeded) raised by the waiting call
+            return
+        first = not self._core.limits
+        self._core.on_hello(reply, time.time(), time.monotonic())
+        self._online = True
+        self._rejoining = not first
+        self._flush_outgoing()  # the replay, if the broker did not know us
+
+    def _on_link_event(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                self._go_offline()
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self._online:
+                rid, frames = self._core.hello()
+                try:
+                    self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                    self._hello_rid = rid
+                except zmq.Again:
+                    pass  # dropped again already; the next handshake says HELLO
+
+    def _go_offline(self) -> None:
+        if not self._online:
+            return
+        self._online = False
+        self._core.disconnected()
+        self._notify("disconnected")
+        waiting = getattr(self, "_waiting", None)
+        if waiting is not None and waiting not in self._replies:
+            self._replies[waiting] = BrokerUnavailable(
+                f"lost the connection to the broker at {self.url}; the request may or may not"
+                " have been carried out", endpoint=self.url, timeout=self.timeout,
+            )
+
     def _io(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds for input, digest all of it, send what follows."""
         core = self._core
@@ -217,6 +323,8 @@ class Client:
             until_due = max(0.0, due - time.monotonic())
             timeout = until_due if timeout is None else min(timeout, until_due)
         ready = dict(self._poller.poll(None if timeout is None else timeout * 1000))
+        if self._monitor in ready:
+            self._on_link_event()
         for sock, digest in ((self._dealer, core.on_dealer), (self._sub, core.on_sub)):
             if sock not in ready:
                 continue
@@ -228,13 +336,20 @@ class Client:
                 for event in digest(frames, time.monotonic(), time.time()):
                     if event[0] == "reply":
                         self._replies[event[1]] = event[2]
+        self._take_hello()
         core.due_syncs(time.monotonic())
         self._flush_outgoing()
+        if self._rejoining and not core.awaiting:
+            self._rejoining = False
+            self._notify("reconnected")
 
     def _flush_outgoing(self) -> None:
         for kind, item in self._core.take_outgoing():
             if kind == "dealer":
-                self._dealer.send_multipart(item)
+                try:
+                    self._dealer.send_multipart(item, zmq.NOBLOCK)
+                except zmq.Again:  # link down: notices are moot; the reconnect replays what matters
+                    pass
             elif kind == "sub":
                 self._sub.setsockopt(zmq.SUBSCRIBE, item)
             else:

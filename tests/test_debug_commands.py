@@ -55,7 +55,7 @@ def test_send_without_a_broker_exits_1_with_one_line():
     url = f"tcp://127.0.0.1:{free_port()}"
     result = invoke("send", "tasks", '{"type": "t"}', "--broker", url, "--timeout", "0.3")
     assert result.exit_code == 1
-    assert f"no reply from the broker at {url}" in result.output
+    assert f"cannot reach the broker at {url}" in result.output
 
 
 # -- against a broker -------------------------------------------------------------------------------

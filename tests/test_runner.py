@@ -142,7 +142,7 @@ def test_run_exits_1_with_one_line_when_no_broker_answers(processes):
     url = f"tcp://127.0.0.1:{free_port()}"
     proc = processes(*channelbus("run", "runner_probe:Probe", "--broker", url, "--timeout", "0.5"))
     assert proc.wait() == 1
-    assert any(f"no reply from the broker at {url}" in line for line in proc.lines["stderr"]), proc.output()
+    assert any(f"cannot reach the broker at {url}" in line for line in proc.lines["stderr"]), proc.output()
     assert not any("Traceback" in line for line in proc.lines["stderr"]), proc.output()
 
 
