@@ -403,14 +403,19 @@ class Router:
 
     def _post(self, peer: Peer, cmd: wire.Post, now: float) -> list[Out]:
         self._check_settings(1, cmd.expiry)
-        self._check_body(cmd.body)
-        if not self.delivery.post(peer, cmd.channel, cmd.body, now + cmd.expiry):
-            raise ProtocolError(
-                "no-reservation",
-                f"POST to {cmd.channel!r} without a reserved slot; the message was not queued",
-                channel=cmd.channel,
-            )
-        self.stats["received"] += 1
+        for body in cmd.bodies:
+            self._check_body(body)
+        expires_at = now + cmd.expiry
+        for queued, body in enumerate(cmd.bodies):
+            if not self.delivery.post(peer, cmd.channel, body, expires_at):
+                self.stats["received"] += queued
+                raise ProtocolError(
+                    "no-reservation",
+                    f"POST to {cmd.channel!r} without a reserved slot for body {queued + 1} of"
+                    f" {len(cmd.bodies)}; it and the rest were not queued",
+                    channel=cmd.channel, size=queued,
+                )
+        self.stats["received"] += len(cmd.bodies)
         return self.delivery.kick(cmd.channel, now)
 
     def _release(self, peer: Peer, cmd: wire.Release, now: float) -> list[Out]:

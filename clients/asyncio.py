@@ -64,6 +64,7 @@ class AsyncClient:
         self._arrivals: dict[object, list[asyncio.Future]] = {}  # channel or marker key -> waiters
         self._drain_scheduled = False
         self._ack_scheduled = False
+        self._post_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -175,18 +176,11 @@ class AsyncClient:
             await self._call(rid, frames)
             return
         self._check_loop()
-        self._flush_outgoing()  # acks of messages taken so far go first
-        try:
-            self._dealer.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:  # the link is down: the slot went with it; send as a request instead
-            self._go_offline("the connection to the broker was lost")
-            await self._call(*self._core.send(channel, message, time.monotonic()))
-            return
-        self._last_sent = time.monotonic()
-        if self._core.refilling:
+        if not self._post_scheduled:  # the POSTs of one loop iteration go as one message
+            self._post_scheduled = True
+            self._loop.call_soon(self._send_posts)
+        if self._core.refilling and self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._drain()  # take in grants now: a sender that never yields still gets them
-        else:
-            self._flush_outgoing()
         if self._release_timer is None:
             self._arm_release_timer()
 
@@ -463,6 +457,22 @@ class AsyncClient:
         except zmq.Again:  # no connection (IMMEDIATE): the link events will tell the rest
             pass
 
+    def _send_posts(self) -> None:
+        self._post_scheduled = False
+        if self._closed or not self._core.posts:
+            return
+        posts = self._core.take_posts()
+        for index, (_, frames) in enumerate(posts):
+            try:
+                self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:  # the connection dropped under them: lost in flight, and said so
+                lost = sum(len(f) - 2 for _, f in posts[index:])
+                log.warning("%d posted message(s) were lost: the connection to %s dropped", lost, self.url)
+                self._go_offline("the connection to the broker was lost")
+                return
+        self._last_sent = time.monotonic()
+        self._schedule_drain()
+
     def _send_acks(self) -> None:
         self._ack_scheduled = False
         if not self._closed:
@@ -555,6 +565,8 @@ class AsyncClient:
             self._release_timer = self._loop.call_later(delay, self._arm_release_timer)
 
     def _flush_outgoing(self) -> None:
+        if self._core.posts:
+            self._send_posts()  # first: a RELEASE behind them must not overtake them
         sent = False
         for kind, item in self._core.take_outgoing():
             if kind == "dealer":

@@ -39,6 +39,7 @@ from typing import Any
 import msgpack
 
 from broker.protocol import wire
+from broker.protocol.notices import MAX_POST_BODIES
 from broker.protocol.errors import ProtocolError
 from broker.protocol.names import (
     CONTROL_TOPIC, check_channel, group_topic, owner_of,
@@ -132,6 +133,7 @@ class ClientCore:
         self.marker_failures: dict[tuple[str, str], BusError] = {}
         self.broker_instance = ""
         self.unconfirmed = 0  # POSTs sent since the last reply: a reply confirms all before it
+        self.posts: dict[str, list[bytes]] = {}  # bodies for reserved slots, not yet sent
         self.clock_offset = 0.0  # broker wall clock minus ours, measured at HELLO
         self.joins: set[tuple[str, str]] = set()  # JOINs to confirm with JOINED once subscribed
         self.outgoing: list[tuple[str, Any]] = []
@@ -227,20 +229,18 @@ class ClientCore:
             waited = max(0.0, wall + self.clock_offset - header["at"])
         return now + ttl_ms / 1000.0 - waited
 
-    def send(self, channel: str, message: dict, now: float) -> tuple[int | None, list[bytes]]:
-        """Frames for one send. With a reserved slot on ``channel`` it is a POST (``rid`` None:
-        nothing to wait for, the room is already ours); else a SEND request, which asks for
-        slots only when this is the second send to ``channel`` within RELEASE_IDLE (a lone send
-        reserves nothing). Tops the reservation up ahead of need with a RESERVE."""
+    def send(self, channel: str, message: dict, now: float) -> tuple[int | None, list[bytes] | None]:
+        """One send. With a reserved slot on ``channel`` the body joins the POST batch that
+        ``take_outgoing`` sends (``(None, None)``: nothing to wait for, the room is already
+        ours); else the frames of a SEND request, which asks for slots only when this is the
+        second send to ``channel`` within RELEASE_IDLE (a lone send reserves nothing). Tops the
+        reservation up ahead of need with a RESERVE."""
         body = self._body(message)
         left = self.reserved.get(channel, 0)
         previous = self.last_send.get(channel)
         self.last_send[channel] = now
-        if left:
-            try:
-                frames = wire.Post(channel, self.expiry, body).frames()
-            except ProtocolError as err:
-                raise bad_name(err) from None
+        if left:  # (the name was checked by the SEND that reserved the slot)
+            self.posts.setdefault(channel, []).append(body)
             self.reserved[channel] = left - 1
             self.unconfirmed += 1
             if left - 1 <= RESERVE_WANT // 2 and channel not in self.refilling.values():
@@ -249,7 +249,7 @@ class ClientCore:
                 )
                 self.refilling[rid] = channel
                 self.outgoing.append(("dealer", reserve))
-            return None, frames
+            return None, None
         streaming = previous is not None and now - previous < RELEASE_IDLE
         rid, frames = self._build(
             wire.Send, channel=channel, capacity=self.capacity_for(channel), expiry=self.expiry,
@@ -574,8 +574,20 @@ class ClientCore:
         return frames
 
     def take_outgoing(self) -> list[tuple[str, Any]]:
+        """What to send now, POST batches first (a RELEASE behind them must not overtake)."""
         out, self.outgoing = self.outgoing, []
+        if self.posts:
+            out[:0] = self.take_posts()
         return out
+
+    def take_posts(self) -> list[tuple[str, Any]]:
+        """The pending POSTs: one message per channel (per MAX_POST_BODIES bodies)."""
+        posts, self.posts = self.posts, {}
+        return [
+            ("dealer", wire.Post(channel, self.expiry, tuple(bodies[i:i + MAX_POST_BODIES])).frames())
+            for channel, bodies in posts.items()
+            for i in range(0, len(bodies), MAX_POST_BODIES)
+        ]
 
 
 def publisher_url(advertised: str, dialled: str) -> str:

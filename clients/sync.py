@@ -108,9 +108,9 @@ class Client:
             return
         if self._closed:
             raise BusError("the client is closed")
-        self._flush_outgoing()
         try:
-            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            for _, post in self._core.take_posts():  # (this one message: a blocking send is sent now)
+                self._dealer.send_multipart(post, zmq.NOBLOCK)
         except zmq.Again:  # the link is down: the slot went with it; send as a request instead
             self._go_offline()
             self._call(*self._core.send(channel, message, time.monotonic()))

@@ -47,9 +47,10 @@ def test_a_second_send_soon_after_asks_for_slots_and_the_grant_turns_sends_into_
     assert msgpack.unpackb(frames[1])["want"] == RESERVE_WANT
     c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": 3})], now=0.02)
     for _ in range(3):
-        rid, frames = c.send("q", {"type": "t"}, now=0.03)
-        assert rid is None and frames[0] == b"\x01POST"
+        assert c.send("q", {"type": "t"}, now=0.03) == (None, None)
     assert c.unconfirmed == 3
+    [(kind, post), *_] = c.take_outgoing()  # one POST carries the three, in order
+    assert post[0] == b"\x01POST" and len(post) == 2 + 3
     rid, frames = c.send("q", {"type": "t"}, now=0.04)
     assert frames[0] == b"\x01SEND"  # the slots are used up: back to a request
 
@@ -60,7 +61,8 @@ def test_a_low_reservation_is_topped_up_with_a_reserve_whose_reply_is_handled_in
     rid, _ = c.send("q", {"type": "t"}, now=0.01)
     c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": RESERVE_WANT // 2 + 1})], now=0.02)
     c.send("q", {"type": "t"}, now=0.03)  # leaves RESERVE_WANT // 2: time to top up
-    [(verb, header)] = sent(c)
+    [(post, _), (verb, header)] = sent(c)
+    assert post == b"\x01POST"
     assert verb == b"\x01RESERVE" and header["want"] == RESERVE_WANT
     assert c.on_dealer([wire.OK, wire.pack({"id": header["id"], "grant": 10})], now=0.04) == []
     assert c.reserved["q"] == RESERVE_WANT // 2 + 10
@@ -172,7 +174,7 @@ def test_a_recall_gives_back_every_slot_including_grants_on_their_way():
     rid, _ = c.send("q", {"type": "t"}, now=0.01)
     c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": RESERVE_WANT // 2 + 1})], now=0.02)
     c.send("q", {"type": "t"}, now=0.03)  # leaves RESERVE_WANT // 2 and sends a RESERVE
-    [(_, reserve)] = sent(c)
+    [_, (_, reserve)] = sent(c)
     assert c.on_dealer([b"\x01RECALL", wire.pack({"ch": "q"})], now=0.04) == []
     assert sent(c) == [(b"\x01RELEASE", {"slots": {"q": 0}})]
     c.on_dealer([wire.OK, wire.pack({"id": reserve["id"], "grant": 9})], now=0.05)
@@ -199,3 +201,12 @@ def test_a_group_add_whose_membership_vanished_fails_instead_of_waiting():
     assert c.on_dealer([wire.ERROR, wire.pack(error)], now=1.0) == [("marker", "room", me)]
     assert not c.marker_pending("room", me)
     assert c.marker_failure("room", me).code == "not-member"
+
+
+def test_posts_go_out_before_a_release_behind_them():
+    c = core()
+    c.reserved["q"] = RESERVE_WANT
+    c.last_send["q"] = 0.0
+    c.send("q", {"type": "t"}, now=0.0)
+    c.release_idle(10.0)
+    assert [verb for verb, _ in sent(c)] == [b"\x01POST", b"\x01RELEASE"]

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .errors import ProtocolError
-from .fields import Command, field_value, int_field, no_body, one_body, pack, seconds_field, verb_frame
+from .fields import Command, field_value, int_field, no_body, pack, seconds_field, verb_frame
 from .names import check_channel, check_group
+
+MAX_POST_BODIES = 1024
 
 
 @dataclass(frozen=True)
@@ -76,26 +78,34 @@ class Bye(Command):
 
 @dataclass(frozen=True)
 class Post(Command):
-    """Notice: queue ``body`` on ``channel`` in a slot this client reserved (SEND ``want`` or
-    RESERVE). No reply: the reservation already guaranteed the room."""
+    """Notice: queue each body frame on ``channel``, in order, in slots this client reserved
+    (SEND ``want`` or RESERVE): one to MAX_POST_BODIES bodies. No reply: the reservation
+    already guaranteed the room."""
 
     VERB: ClassVar[str] = "POST"
     channel: str = ""
     expiry: float = 60.0
-    body: bytes = b""
+    bodies: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         check_channel(self.channel)
+        if isinstance(self.bodies, bytes):  # Post(channel, expiry, body): one body
+            object.__setattr__(self, "bodies", (self.bodies,))
+        if not 1 <= len(self.bodies) <= MAX_POST_BODIES:
+            raise ProtocolError(
+                "bad-frame", f"POST takes 1 to {MAX_POST_BODIES} body frames, got {len(self.bodies)}",
+                limit=MAX_POST_BODIES,
+            )
 
     @classmethod
     def from_wire(cls, header, body):
-        return cls(field_value(header, "ch"), seconds_field(header, "exp"), one_body(cls.VERB, body))
+        return cls(field_value(header, "ch"), seconds_field(header, "exp"), tuple(body))
 
     def header(self):
         return {"ch": self.channel, "exp": self.expiry}
 
     def frames(self):
-        return [verb_frame(self.VERB), pack(self.header()), self.body]
+        return [verb_frame(self.VERB), pack(self.header()), *self.bodies]
 
 
 @dataclass(frozen=True)
