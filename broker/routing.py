@@ -402,6 +402,7 @@ class Router:
         return [Out(peer.rid, wire.ok(cmd.id, grant=grant))]
 
     def _post(self, peer: Peer, cmd: wire.Post, now: float) -> list[Out]:
+        out = self._ack(peer, cmd, now) if cmd.acks else []
         self._check_settings(1, cmd.expiry)
         for body in cmd.bodies:
             self._check_body(body)
@@ -416,7 +417,7 @@ class Router:
                     channel=cmd.channel, size=queued,
                 )
         self.stats["received"] += len(cmd.bodies)
-        return self.delivery.kick(cmd.channel, now)
+        return out + self.delivery.kick(cmd.channel, now)
 
     def _release(self, peer: Peer, cmd: wire.Release, now: float) -> list[Out]:
         out: list[Out] = []

@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 import zmq
 
 from .config import BrokerConfig
+from .zio import NOBLOCK, recv_frames, send_frames
 from .routing import Router
 
 log = logging.getLogger("channelbus.broker")
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 TICK_SECONDS = 0.1
 BATCH = 256  # messages read per socket per poll, so one busy client cannot starve the timer
 SNDHWM = 100_000
@@ -102,21 +104,27 @@ class BrokerServer:
         if self.router is None:
             self.bind()
         log.info("channelbus broker listening on %s, publishing on %s", self.endpoint, self.pub_endpoint)
-        poller = zmq.Poller()
-        poller.register(self._commands, zmq.POLLIN)
-        poller.register(self._publisher, zmq.POLLIN)
+        commands = self._commands
         next_tick = time.monotonic() + TICK_SECONDS
         next_beat = time.monotonic() + self.config.heartbeat
+        wait_ms = None
         try:
             while not self._stop.is_set():
-                timeout = max(0.0, next_tick - time.monotonic())
-                ready = dict(poller.poll(timeout * 1000))
-                if self._commands in ready:
-                    self._read_commands()
-                if self._publisher in ready:
-                    self._drain_subscriptions()
+                # A blocking receive (with a timeout up to the next tick) wakes faster than a
+                # poll over both sockets; the publisher's subscription notices wait for the tick.
+                timeout = max(1, int((next_tick - time.monotonic()) * 1000))
+                if timeout != wait_ms:
+                    commands.setsockopt(zmq.RCVTIMEO, timeout)
+                    wait_ms = timeout
+                try:
+                    first = recv_frames(commands, 0)
+                except zmq.Again:
+                    first = None
+                if first is not None:
+                    self._read_commands(first)
                 now = time.monotonic()
                 if now >= next_tick:
+                    self._drain_subscriptions()
                     self._send(self.router.tick(now), now)
                     next_tick = now + TICK_SECONDS
                 if now >= next_beat:
@@ -135,17 +143,17 @@ class BrokerServer:
             sock.close(linger=0)
         self._sockets.clear()
 
-    def _read_commands(self) -> None:
+    def _read_commands(self, frames: list[bytes]) -> None:
+        """Handle ``frames`` and whatever else is waiting (up to BATCH), then deliver."""
         router, sock = self.router, self._commands
         router.begin_batch()  # a burst of sends becomes one MSG per receiver
         try:
             for _ in range(BATCH):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
                 now = time.monotonic()
                 self._send(router.handle(frames[0], frames[1:], now), now)
+                if not sock.get(_EVENTS) & _POLLIN:
+                    break
+                frames = recv_frames(sock)
         finally:
             now = time.monotonic()
             self._send(router.end_batch(now), now)
@@ -155,17 +163,17 @@ class BrokerServer:
         # them until read.
         for _ in range(BATCH):
             try:
-                self._publisher.recv(zmq.NOBLOCK)
+                self._publisher.recv(NOBLOCK)
             except zmq.Again:
                 return
 
     def _send(self, outs, now: float) -> None:
         for dest, frames, push in outs:
             if dest is None:
-                self._publisher.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(self._publisher, frames)
                 continue
             try:
-                self._commands.send_multipart([dest, *frames], zmq.NOBLOCK)
+                send_frames(self._commands, [dest, *frames])
             except zmq.Again:
                 if push is not None:
                     self.router.unsent(dest, push, now, gone=False)

@@ -22,6 +22,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.protocol.names import CONTROL_TOPIC
+from broker.zio import recv_frames, send_frames
 
 from .core import CLOSE_LINGER_MS, HEARTBEAT, LIVENESS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
@@ -299,7 +300,7 @@ class AsyncClient:
         if goodbye:
             try:
                 for frames in self._core.goodbye():
-                    self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                    send_frames(self._dealer, frames)
             except zmq.ZMQError:
                 pass
         if getattr(self, "_dealer", None) is not None and not self._dealer.closed:
@@ -337,7 +338,7 @@ class AsyncClient:
                 await self._wait_for_link(deadline)
             self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
             try:
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(self._dealer, frames)
                 break
             except zmq.Again:  # no connection (IMMEDIATE), though its event is not read yet
                 if online:
@@ -452,7 +453,7 @@ class AsyncClient:
 
     def _send_frames(self, frames: list[bytes]) -> None:
         try:
-            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._dealer, frames)
             self._last_sent = time.monotonic()
         except zmq.Again:  # no connection (IMMEDIATE): the link events will tell the rest
             pass
@@ -464,7 +465,7 @@ class AsyncClient:
         posts = self._core.take_posts()
         for index, (_, frames) in enumerate(posts):
             try:
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(self._dealer, frames)
             except zmq.Again:  # the connection dropped under them: lost in flight, and said so
                 lost = sum(len(f) - 2 for _, f in posts[index:])
                 log.warning("%d posted message(s) were lost: the connection to %s dropped", lost, self.url)
@@ -494,7 +495,7 @@ class AsyncClient:
         for sock, digest in ((self._dealer, core.on_dealer), (self._sub, core.on_sub)):
             for count in range(DRAIN_BATCH):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(sock)
                 except zmq.Again:
                     break
                 for event in digest(frames, time.monotonic(), time.time()):
@@ -571,7 +572,7 @@ class AsyncClient:
         for kind, item in self._core.take_outgoing():
             if kind == "dealer":
                 try:
-                    self._dealer.send_multipart(item, zmq.NOBLOCK)
+                    send_frames(self._dealer, item)
                 except zmq.Again:  # link down: notices are moot; the reconnect replays what matters
                     continue
                 sent = True

@@ -581,13 +581,17 @@ class ClientCore:
         return out
 
     def take_posts(self) -> list[tuple[str, Any]]:
-        """The pending POSTs: one message per channel (per MAX_POST_BODIES bodies)."""
+        """The pending POSTs: one message per channel (per MAX_POST_BODIES bodies); the first
+        also carries the acks not yet sent."""
         posts, self.posts = self.posts, {}
-        return [
-            ("dealer", wire.Post(channel, self.expiry, tuple(bodies[i:i + MAX_POST_BODIES])).frames())
-            for channel, bodies in posts.items()
-            for i in range(0, len(bodies), MAX_POST_BODIES)
-        ]
+        acks, self.pending_acks = tuple(self.pending_acks.items()), {}
+        out = []
+        for channel, bodies in posts.items():
+            for i in range(0, len(bodies), MAX_POST_BODIES):
+                post = wire.Post(channel, self.expiry, tuple(bodies[i:i + MAX_POST_BODIES]), acks)
+                out.append(("dealer", post.frames()))
+                acks = ()
+        return out
 
 
 def publisher_url(advertised: str, dialled: str) -> str:

@@ -12,6 +12,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.protocol.names import CONTROL_TOPIC
+from broker.zio import recv_frames, send_frames
 
 from .core import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
@@ -110,7 +111,7 @@ class Client:
             raise BusError("the client is closed")
         try:
             for _, post in self._core.take_posts():  # (this one message: a blocking send is sent now)
-                self._dealer.send_multipart(post, zmq.NOBLOCK)
+                send_frames(self._dealer, post)
         except zmq.Again:  # the link is down: the slot went with it; send as a request instead
             self._go_offline()
             self._call(*self._core.send(channel, message, time.monotonic()))
@@ -211,7 +212,7 @@ class Client:
                 pass
         try:
             for frames in self._core.goodbye():
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(self._dealer, frames)
         except zmq.ZMQError:
             pass
         self._close_sockets()
@@ -236,7 +237,7 @@ class Client:
                 self._wait_for_link(deadline)
             self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
             try:
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(self._dealer, frames)
                 break
             except zmq.Again:  # no connection (IMMEDIATE), though its event is not read yet
                 self._go_offline()
@@ -296,7 +297,7 @@ class Client:
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self._online:
                 rid, frames = self._core.hello()
                 try:
-                    self._dealer.send_multipart(frames, zmq.NOBLOCK)
+                    send_frames(self._dealer, frames)
                     self._hello_rid = rid
                 except zmq.Again:
                     pass  # dropped again already; the next handshake says HELLO
@@ -330,7 +331,7 @@ class Client:
                 continue
             while True:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(sock)
                 except zmq.Again:
                     break
                 for event in digest(frames, time.monotonic(), time.time()):
@@ -347,7 +348,7 @@ class Client:
         for kind, item in self._core.take_outgoing():
             if kind == "dealer":
                 try:
-                    self._dealer.send_multipart(item, zmq.NOBLOCK)
+                    send_frames(self._dealer, item)
                 except zmq.Again:  # link down: notices are moot; the reconnect replays what matters
                     pass
             elif kind == "sub":

@@ -12,6 +12,12 @@ from .names import check_channel, check_group
 MAX_POST_BODIES = 1024
 
 
+def _check_acks(acks) -> None:
+    for channel, n in acks:
+        check_channel(channel)
+        int_field({"n": n}, "n", low=1)
+
+
 @dataclass(frozen=True)
 class Credit(Command):
     """Notice: this client will take ``n`` more messages from the normal channel ``channel``."""
@@ -45,9 +51,7 @@ class Ack(Command):
     acks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        for channel, n in self.acks:
-            check_channel(channel)
-            int_field({"n": n}, "n", low=1)
+        _check_acks(self.acks)
 
     @classmethod
     def from_wire(cls, header, body):
@@ -80,12 +84,14 @@ class Bye(Command):
 class Post(Command):
     """Notice: queue each body frame on ``channel``, in order, in slots this client reserved
     (SEND ``want`` or RESERVE): one to MAX_POST_BODIES bodies. No reply: the reservation
-    already guaranteed the room."""
+    already guaranteed the room. ``acks`` (optional, as in ACK) rides along, handled first, so a
+    client that takes a message and answers it sends one message, not two."""
 
     VERB: ClassVar[str] = "POST"
     channel: str = ""
     expiry: float = 60.0
     bodies: tuple[bytes, ...] = ()
+    acks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         check_channel(self.channel)
@@ -96,13 +102,20 @@ class Post(Command):
                 "bad-frame", f"POST takes 1 to {MAX_POST_BODIES} body frames, got {len(self.bodies)}",
                 limit=MAX_POST_BODIES,
             )
+        _check_acks(self.acks)
 
     @classmethod
     def from_wire(cls, header, body):
-        return cls(field_value(header, "ch"), seconds_field(header, "exp"), tuple(body))
+        acks = header.get("acks", {})
+        if not isinstance(acks, dict):
+            raise ProtocolError("bad-header", "POST's optional 'acks' must be a map of channel to count")
+        return cls(field_value(header, "ch"), seconds_field(header, "exp"), tuple(body), tuple(acks.items()))
 
     def header(self):
-        return {"ch": self.channel, "exp": self.expiry}
+        header = {"ch": self.channel, "exp": self.expiry}
+        if self.acks:
+            header["acks"] = dict(self.acks)
+        return header
 
     def frames(self):
         return [verb_frame(self.VERB), pack(self.header()), *self.bodies]
