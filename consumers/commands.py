@@ -251,3 +251,33 @@ def stats(url, timeout, top, as_json, watch) -> None:
                 time.sleep(watch)
     except KeyboardInterrupt:
         pass
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name", type=click.Choice(["core", "layers", "soak"]), default="core")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(name, args) -> None:
+    """Run benchmarks/NAME.py from this checkout with ARGS (e.g. channelbus bench core --repeat 3).
+
+    core: the bus against a raw pyzmq forwarder (messages/s, round trip p50/p99); layers: the
+    Channels layer against channels_redis (needs redis-server); soak: a long run with broker
+    restarts. Each prints its figures and ratios; see docs/performance.md.
+    """
+    import os
+    import runpy
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (os.getcwd(), here):
+        script = os.path.join(root, "benchmarks", f"{name}.py")
+        if os.path.exists(script):
+            break
+    else:
+        raise click.ClickException(
+            f"benchmarks/{name}.py not found: run this from a channelbus source checkout"
+        )
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
