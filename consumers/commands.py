@@ -257,7 +257,8 @@ def stats(url, timeout, top, as_json, watch) -> None:
 @click.argument("name", type=click.Choice(["core", "layers", "soak"]), default="core")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(name, args) -> None:
-    """Run benchmarks/NAME.py from this checkout with ARGS (e.g. channelbus bench core --repeat 3).
+    """Run benchmarks/NAME.py from this checkout with ARGS (channelbus bench core --repeat 3;
+    channelbus bench core -- --help for its options).
 
     core: the bus against a raw pyzmq forwarder (messages/s, round trip p50/p99); layers: the
     Channels layer against channels_redis (needs redis-server); soak: a long run with broker

@@ -8,7 +8,7 @@ from consumers.cli import main
 
 
 def test_bench_runs_the_named_script_with_its_arguments():
-    result = CliRunner().invoke(main, ["bench", "core", "--help"])
+    result = CliRunner().invoke(main, ["bench", "core", "--", "--help"])  # (-- : the script's own help)
     assert result.exit_code == 0, result.output
     assert "--messages" in result.output and "--rtt" in result.output
 
