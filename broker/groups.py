@@ -17,6 +17,9 @@ class Groups:
     def __len__(self) -> int:
         return len(self._groups)
 
+    def __contains__(self, group: str) -> bool:
+        return group in self._groups
+
     def add(self, group: str, channel: str, expires_at: float) -> None:
         self._groups.setdefault(group, {})[channel] = expires_at
         owner = owner_of(channel)

@@ -79,6 +79,9 @@ class Router:
         # channel -> SENDs that found it full only because of other peers' reserved slots, in
         # arrival order, waiting for those peers to answer a RECALL: [(rid, Send, deadline)]
         self.recalling: dict[str, list[tuple[bytes, wire.Send, float]]] = {}
+        # group -> number of its last message published: clients see gaps (messages the
+        # publisher dropped for them) instead of losing them silently
+        self.published: dict[str, int] = {}
         self.groups = Groups()
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
@@ -147,6 +150,8 @@ class Router:
         """Expire messages and memberships that are due; retry stalled deliveries."""
         if now >= self._next_group_sweep:
             self.groups.expire(now)
+            for group in [g for g in self.published if g not in self.groups]:
+                del self.published[group]  # (a group that comes back starts again from 1)
             self._next_group_sweep = now + GROUP_SWEEP_SECONDS
         out = self.delivery.tick(now)
         for name in [n for n, waiting in self.recalling.items() if waiting[0][2] <= now]:
@@ -289,7 +294,8 @@ class Router:
             if pattern is None:
                 try:
                     pattern = re.compile(source)
-                except (re.error, RecursionError) as exc:
+                except (re.error, RecursionError, OverflowError, ValueError) as exc:
+                    # (re raises OverflowError for a{4294967296}, ValueError for (?a)(?u)x)
                     raise ProtocolError(
                         "bad-value", f"channel_capacity pattern {source!r} is not a valid regex: {exc}"
                     ) from None
@@ -452,8 +458,9 @@ class Router:
                 skipped += 1
         self.stats["group_skipped"] += skipped
         if specific:
+            seq = self.published[cmd.group] = self.published.get(cmd.group, 0) + 1
             header = {"op": "msg", "ttl": int(cmd.expiry * 1000), "at": now + self.wall_offset,
-                      "cap": cmd.capacity}
+                      "cap": cmd.capacity, "seq": seq}
             if cmd.channel_capacity:
                 header["ccap"] = [list(p) for p in cmd.channel_capacity]
             out.append(Out(PUB, [group_topic(cmd.group), wire.pack(header), cmd.body]))
@@ -463,7 +470,8 @@ class Router:
         """The ``add`` marker: proves a subscription is live and says how long membership
         lasts (``ttl`` in ms, like every ttl on the wire)."""
         ttl = max(1, int((self.groups.expires_at(group, channel) - now) * 1000))
-        return Out(PUB, [group_topic(group), wire.pack({"op": "add", "ch": channel, "ttl": ttl})])
+        header = {"op": "add", "ch": channel, "ttl": ttl, "seq": self.published.get(group, 0)}
+        return Out(PUB, [group_topic(group), wire.pack(header)])
 
     def _group_add(self, peer: Peer, cmd: wire.GroupAdd, now: float) -> list[Out]:
         if cmd.group_expiry > self.limits.max_group_expiry:

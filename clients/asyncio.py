@@ -85,6 +85,12 @@ class AsyncClient:
     def client_id(self) -> str:
         return self._core.client_id
 
+    @property
+    def counters(self) -> dict:
+        """What this process dropped on its side: group messages for its channels skipped as
+        full (``group_full``) and group messages the publisher lost for it (``group_lost``)."""
+        return {"group_full": self._core.skipped, "group_lost": self._core.lost_group_messages}
+
     async def __aenter__(self) -> "AsyncClient":
         await self.connect()
         return self

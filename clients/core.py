@@ -138,6 +138,8 @@ class ClientCore:
         self.joins: set[tuple[str, str]] = set()  # JOINs to confirm with JOINED once subscribed
         self.outgoing: list[tuple[str, Any]] = []
         self.skipped = 0  # group messages dropped because a local channel was full
+        self.group_seq: dict[str, int] = {}  # number of the last message seen per group topic
+        self.lost_group_messages = 0
 
     # -- settings -------------------------------------------------------------------------
 
@@ -476,9 +478,11 @@ class ClientCore:
             return self._on_flush() if op == "flush" else []
         group = topic[:-1].decode("ascii")
         if op == "msg":
+            self._count_gap(group, header.get("seq"))
             return self._on_group_message(group, header, frames[2], now, wall)
         channel = header.get("ch", "")
         if op == "add" and self.owns(channel):
+            self.group_seq.setdefault(group, header.get("seq", 0))  # messages before it are not ours
             self.awaiting.pop((group, channel), None)
             self.retry.pop((group, channel), None)
             self.members.setdefault(group, {})[channel] = now + header["ttl"] / 1000.0
@@ -489,6 +493,18 @@ class ClientCore:
         if op == "discard" and self.owns(channel):
             self._leave(group, channel)
         return []
+
+    def _count_gap(self, group: str, seq: int | None) -> None:
+        """Count group messages the publisher dropped for this process (its socket queue was
+        full): each group message is numbered, so a jump shows how many went missing."""
+        last = self.group_seq.get(group)
+        if seq is None or last is None:
+            return
+        if seq > last + 1:
+            self.lost_group_messages += seq - last - 1
+            log.warning("%d message(s) of group %r were lost on their way to this process"
+                        " (it did not read them fast enough)", seq - last - 1, group)
+        self.group_seq[group] = seq  # (a smaller number: the broker restarted and counts anew)
 
     def _on_group_message(self, group: str, header: dict, body: bytes, now: float, wall) -> list[tuple]:
         members = self.members.get(group)
@@ -546,6 +562,7 @@ class ClientCore:
         still_wanted = group in self.members or any(g == group for g, _ in self.awaiting)
         if group in self.subscribed and not still_wanted:
             self.subscribed.discard(group)
+            self.group_seq.pop(group, None)
             self.outgoing.append(("unsub", group_topic(group)))
 
     def due_syncs(self, now: float) -> float | None:

@@ -91,6 +91,12 @@ class Client:
     def client_id(self) -> str:
         return self._core.client_id
 
+    @property
+    def counters(self) -> dict:
+        """What this process dropped on its side: group messages for its channels skipped as
+        full (``group_full``) and group messages the publisher lost for it (``group_lost``)."""
+        return {"group_full": self._core.skipped, "group_lost": self._core.lost_group_messages}
+
     def __enter__(self) -> "Client":
         return self
 

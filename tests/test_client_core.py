@@ -210,3 +210,14 @@ def test_posts_go_out_before_a_release_behind_them():
     c.send("q", {"type": "t"}, now=0.0)
     c.release_idle(10.0)
     assert [verb for verb, _ in sent(c)] == [b"\x01POST", b"\x01RELEASE"]
+
+
+def test_a_gap_in_a_groups_numbers_is_counted_as_lost_not_hidden():
+    c = core()
+    me = c.new_channel()
+    c.group_add("room", me)
+    topic = group_topic("room")
+    c.on_sub([topic, wire.pack({"op": "add", "ch": me, "ttl": 60_000, "seq": 7})], now=0.0)
+    for seq in (8, 11):  # 9 and 10 never came
+        c.on_sub([topic, wire.pack({"op": "msg", "ttl": 60_000, "cap": 100, "seq": seq}), BODY], now=0.0)
+    assert c.lost_group_messages == 2

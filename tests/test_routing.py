@@ -532,7 +532,7 @@ def test_a_specific_member_causes_exactly_one_publish_on_the_group_topic(router,
     assert ok(outs, b"A")["queued"] == 1
     [(topic, header, rest)] = published(outs)
     assert topic == b"room1\x00" == group_topic("room1")
-    assert header == {"op": "msg", "ttl": 2500, "at": 0.0, "cap": 7}
+    assert header == {"op": "msg", "ttl": 2500, "at": 0.0, "cap": 7, "seq": 1}
     assert rest == [payload]
     assert pushes(outs, b"B") == []  # specific members are served by their client, not pushed
 
@@ -580,7 +580,7 @@ def test_an_invalid_channel_capacity_regex_is_refused_and_delivers_nothing(route
 def test_group_add_of_a_specific_channel_publishes_an_add_marker_with_ttl(router, b):
     outs = b.group_add("room", B_SPECIFIC, gexp=30.0, now=100.0)
     ok(outs, b"B")
-    assert published(outs) == [(b"room\x00", {"op": "add", "ch": B_SPECIFIC, "ttl": 30_000}, [])]
+    assert published(outs) == [(b"room\x00", {"op": "add", "ch": B_SPECIFIC, "ttl": 30_000, "seq": 0}, [])]
 
 
 def test_group_add_of_a_normal_channel_publishes_nothing(a):
@@ -710,7 +710,7 @@ def test_group_sync_of_a_member_republishes_the_marker_with_the_time_left(b):
     ok(outs, b"B")
     [(topic, header, _)] = published(outs)
     assert topic == b"room\x00"
-    assert header == {"op": "add", "ch": B_SPECIFIC, "ttl": 6_000}  # ms, like every ttl
+    assert header == {"op": "add", "ch": B_SPECIFIC, "ttl": 6_000, "seq": 0}  # ms, like every ttl
 
 
 def test_group_sync_of_a_non_member_answers_not_member(router, b):
@@ -1150,3 +1150,11 @@ def test_an_owner_connecting_is_told_to_join_the_groups_its_channels_were_added_
     b = FakeClient(router, b"B", B_ID)
     outs = b.hello(now=10.0)
     assert ("JOIN", {"g": "room", "ch": B_SPECIFIC, "gexp": 20.0}) in replies(outs, b"B")
+
+
+def test_group_messages_are_numbered_per_group_and_markers_carry_the_last_number(router, a):
+    a.group_add("room", A_SPECIFIC)
+    numbers = [published(a.group_send("room", n))[0][1]["seq"] for n in range(3)]
+    assert numbers == [1, 2, 3]
+    [(_, marker, _)] = published(a.group_sync("room", A_SPECIFIC))
+    assert marker["seq"] == 3

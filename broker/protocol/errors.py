@@ -6,6 +6,8 @@ fields that say what the limit was (``limit``, ``size``, ``name``, ``capacity``,
 
 from __future__ import annotations
 
+import reprlib
+
 ERROR_CODES = {
     "bad-frame": "the frames do not form a message of this protocol",
     "bad-version": "the protocol version byte is not one this broker speaks",
@@ -36,3 +38,15 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.fields = fields
+
+
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxstring, _ECHO.maxother, _ECHO.maxlong = 3, 120, 120, 40
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = _ECHO.maxset = 8
+
+
+def echo(value: object) -> str:
+    """``repr(value)`` cut to a bounded length and nesting depth, for error messages: echoing
+    what a peer sent can neither recurse without end (a value nested 1,000 levels deep) nor make
+    the reply large."""
+    return _ECHO.repr(value)

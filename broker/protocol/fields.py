@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import ProtocolError, echo
 
 VERSION = 1
 MAX_HEADER_SIZE = 64 * 1024
@@ -58,7 +58,7 @@ def int_field(header: dict, key: str, *, low: int = 0, default: int | None = Non
     if type(value) is not int or not low <= value <= MAX_INT:
         raise ProtocolError(
             "bad-header" if value is None else "bad-value",
-            f"field {key!r} must be an int from {low} to {MAX_INT}; got {value!r}",
+            f"field {key!r} must be an int from {low} to {MAX_INT}; got {echo(value)}",
             name=key,
         )
     return value
@@ -68,7 +68,7 @@ def seconds_field(header: dict, key: str) -> float:
     value = field_value(header, key)
     if type(value) not in (int, float) or not 0 < value <= 10**9:
         raise ProtocolError(
-            "bad-value", f"field {key!r} must be a number of seconds above 0; got {value!r}",
+            "bad-value", f"field {key!r} must be a number of seconds above 0; got {echo(value)}",
             name=key,
         )
     return float(value)

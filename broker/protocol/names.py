@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ProtocolError
+from .errors import ProtocolError, echo
 
 MAX_NAME_LENGTH = 100  # names must be shorter than this, as in channels.layers
 
@@ -27,16 +27,20 @@ CONTROL_TOPIC = b"\x00"  # flush notices; no group topic can start with NUL
 
 _RULE = (
     "{kind} name must be a str shorter than {limit} characters, of ASCII letters, digits,"
-    " hyphens, underscores or periods{extra}; got {name!r}"
+    " hyphens, underscores or periods{extra}; got {name}"
 )
 
 
 def _invalid(kind: str, name: object, extra: str = "") -> ProtocolError:
-    shown = name if not isinstance(name, str) or len(name) <= 120 else name[:120] + "..."
+    if isinstance(name, str):
+        shown = name if len(name) <= 120 else name[:120] + "..."
+        text = repr(shown)
+    else:
+        shown = text = echo(name)
     return ProtocolError(
         "bad-name",
-        _RULE.format(kind=kind, limit=MAX_NAME_LENGTH, extra=extra, name=shown),
-        name=str(shown),
+        _RULE.format(kind=kind, limit=MAX_NAME_LENGTH, extra=extra, name=text),
+        name=shown,
         limit=MAX_NAME_LENGTH,
     )
 
@@ -78,7 +82,7 @@ def check_client_id(client_id: object) -> str:
     if not isinstance(client_id, str) or not _CLIENT_ID_RE.match(client_id):
         raise ProtocolError(
             "bad-value",
-            f"client id must be 4 to 32 lowercase ASCII letters or digits; got {client_id!r}",
+            f"client id must be 4 to 32 lowercase ASCII letters or digits; got {echo(client_id)}",
         )
     return client_id
 

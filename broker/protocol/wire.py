@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .errors import ProtocolError
+from .errors import ProtocolError, echo
 from .fields import (  # noqa: F401  (re-exported: the wire format in one import)
     MAX_HEADER_SIZE, MAX_INT, VERSION, Command, Request, body_is_map, field_value, int_field,
     no_body, one_body, pack, seconds_field, unpack_header, verb_frame,
@@ -44,7 +44,7 @@ class Hello(Request):
         super().__post_init__()
         check_client_id(self.client)
         if type(self.heartbeat) not in (int, float) or not 0 <= self.heartbeat <= 3600:
-            raise ProtocolError("bad-value", f"field 'hb' must be seconds from 0 to 3600; got {self.heartbeat!r}",
+            raise ProtocolError("bad-value", f"field 'hb' must be seconds from 0 to 3600; got {echo(self.heartbeat)}",
                                 name="hb")
 
     @classmethod
@@ -155,7 +155,7 @@ class GroupSend(Request):
                 raise ProtocolError(
                     "bad-value",
                     "channel_capacity must be a list of [regex, capacity] pairs with regexes of"
-                    f" at most {MAX_PATTERN_LENGTH} characters; got {pair!r}",
+                    f" at most {MAX_PATTERN_LENGTH} characters; got {echo(pair)}",
                     limit=MAX_PATTERN_LENGTH,
                 )
             int_field({"cap": pair[1]}, "cap", low=1)
@@ -264,7 +264,7 @@ class Stats(Request):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.top <= MAX_STATS_TOP:
-            raise ProtocolError("bad-value", f"'top' must be from 1 to {MAX_STATS_TOP}; got {self.top!r}",
+            raise ProtocolError("bad-value", f"'top' must be from 1 to {MAX_STATS_TOP}; got {echo(self.top)}",
                                 limit=MAX_STATS_TOP)
 
     @classmethod
