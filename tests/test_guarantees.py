@@ -272,3 +272,34 @@ def test_a_receiver_that_stops_reading_holds_back_at_most_its_receive_window(bro
         stuck.close()  # it leaves without taking them: they go back to the channel
         got += drain(worker, "jobs")
         assert sorted(got) == list(range(30))
+
+
+BLOCKED_LOOP = """
+import asyncio, sys, time
+sys.path.insert(0, {root!r})
+from clients import AsyncClient
+
+async def main():
+    async with AsyncClient({url!r}) as bus:
+        await bus.group_add("room", bus.new_channel())
+        print("joined", flush=True)
+        time.sleep(5)  # a handler that blocks the event loop: no heartbeat leaves meanwhile
+        await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_async_client_whose_loop_is_blocked_past_three_heartbeats_is_forgotten(broker):
+    child = spawn(BLOCKED_LOOP.format(root=ROOT, url=broker.url))
+    try:
+        assert child.stdout.readline().strip() == "joined"
+        blocked = time.monotonic()
+        with Client(broker.url) as observer:
+            while observer.stats()["top_groups"]:  # forgotten: its channel left the group
+                assert time.monotonic() - blocked < 4.9, "still a member while its loop was blocked"
+                time.sleep(0.05)
+            assert time.monotonic() - blocked > 2.9  # not before 3 heartbeats of silence
+    finally:
+        stop(child)
