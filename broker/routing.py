@@ -130,14 +130,21 @@ class Router:
         if peer is None and type(cmd) is not wire.Hello:
             if type(cmd) is wire.Bye:
                 return []
-            err = ProtocolError("no-hello", f"send HELLO before {cmd.VERB}")
-            return self._strike(rid, err, now, getattr(cmd, "id", None))
+            # Not a strike: a client the broker forgot (restart, silence) sends these in good
+            # faith; the answer tells it to say HELLO again.
+            err = ProtocolError("no-hello", f"send HELLO before {cmd.VERB} (this broker does not know you)")
+            return [Out(rid, wire.error(getattr(cmd, "id", None), err))]
         try:
             return self._handlers[type(cmd)](peer or rid, cmd, now)
         except ProtocolError as err:
-            if err.code in REFUSALS:
-                return [Out(rid, wire.error(getattr(cmd, "id", None), err))]
-            return self._strike(rid, err, now, getattr(cmd, "id", None))
+            return self._refuse(rid, cmd, err, now)
+
+    def _refuse(self, rid: bytes, cmd, err: ProtocolError, now: float) -> list[Out]:
+        """The ERROR for a command a handler refused: a plain reply when the refusal depends on
+        the broker's state, a strike against the peer when the command was malformed."""
+        if err.code in REFUSALS:
+            return [Out(rid, wire.error(getattr(cmd, "id", None), err))]
+        return self._strike(rid, err, now, getattr(cmd, "id", None))
 
     def begin_batch(self) -> None:
         """Until ``end_batch``, deliver to receivers once per burst rather than per message."""
@@ -320,6 +327,8 @@ class Router:
             delivery.peers[rid] = Peer(rid, cmd.client)
         peer = delivery.peers[rid]
         peer.heartbeat, peer.last_seen = cmd.heartbeat, now
+        if resumed and cmd.reset:
+            out += delivery.reset(peer)  # what its lost connection carried goes out again
         delivery.by_client[cmd.client] = rid
         lim = self.limits
         out.append(Out(rid, wire.ok(
@@ -408,22 +417,33 @@ class Router:
         return [Out(peer.rid, wire.ok(cmd.id, grant=grant))]
 
     def _post(self, peer: Peer, cmd: wire.Post, now: float) -> list[Out]:
+        # What the acks release and the bodies queued before a refusal are delivered all the
+        # same: the refusal is returned with them rather than raised over them.
         out = self._ack(peer, cmd, now) if cmd.acks else []
-        self._check_settings(1, cmd.expiry)
-        for body in cmd.bodies:
-            self._check_body(body)
+        try:
+            self._check_settings(1, cmd.expiry)
+            for body in cmd.bodies:
+                self._check_body(body)
+        except ProtocolError as err:
+            return out + self._refuse(peer.rid, cmd, err, now)
         expires_at = now + cmd.expiry
-        for queued, body in enumerate(cmd.bodies):
+        queued = 0
+        for body in cmd.bodies:
             if not self.delivery.post(peer, cmd.channel, body, expires_at):
-                self.stats["received"] += queued
-                raise ProtocolError(
-                    "no-reservation",
-                    f"POST to {cmd.channel!r} without a reserved slot for body {queued + 1} of"
-                    f" {len(cmd.bodies)}; it and the rest were not queued",
-                    channel=cmd.channel, size=queued,
-                )
-        self.stats["received"] += len(cmd.bodies)
-        return out + self.delivery.kick(cmd.channel, now)
+                break
+            queued += 1
+        self.stats["received"] += queued
+        if queued:
+            out += self.delivery.kick(cmd.channel, now)
+        if queued < len(cmd.bodies):
+            err = ProtocolError(
+                "no-reservation",
+                f"POST to {cmd.channel!r} without a reserved slot for body {queued + 1} of"
+                f" {len(cmd.bodies)}; it and the rest were not queued",
+                channel=cmd.channel, size=queued,
+            )
+            out += self._refuse(peer.rid, cmd, err, now)
+        return out
 
     def _release(self, peer: Peer, cmd: wire.Release, now: float) -> list[Out]:
         out: list[Out] = []

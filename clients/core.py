@@ -539,8 +539,16 @@ class ClientCore:
         if self.pending_acks:
             self._flush_acks()
         for group in list(self.members):
-            for channel in list(self.members[group]):
-                self._leave(group, channel)
+            for channel in list(self.members.get(group, ())):
+                if (group, channel) in self.awaiting:
+                    # Being joined again: the broker may have recorded it after the flush (DEALER
+                    # and SUB are not ordered), so its marker or a GSYNC refusal decides, not this.
+                    members = self.members[group]
+                    del members[channel]
+                    if not members:
+                        del self.members[group]
+                else:
+                    self._leave(group, channel)
         return []
 
     # -- membership and subscriptions -----------------------------------------------------
