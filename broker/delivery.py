@@ -333,6 +333,27 @@ class Delivery:
                 # (an inbox stays while another sender still holds reserved slots in it)
                 self.stats["expired"] += self.drop_queued(name)
 
+    def reset(self, peer: Peer) -> list[Out]:
+        """A peer is back on a new connection (its HELLO says ``reset``): whatever it was pushed
+        and has not acknowledged goes back to the front of its channels, to be pushed again;
+        its credit and reserved slots are void (it grants and reserves anew)."""
+        for name, items in peer.unacked.items():
+            inbox = self.inboxes[name]
+            inbox.inflight -= len(items)
+            inbox.queue.extendleft(reversed(items))
+            self.stalled.add(name)
+        peer.unacked.clear()
+        for name in list(peer.reserved):
+            self.release(peer, name, 0)
+        credited, peer.credits = peer.credits, {}
+        for name in credited:
+            inbox = self.inboxes.get(name)
+            if inbox is not None:
+                if peer.rid in inbox.ready:
+                    inbox.ready.remove(peer.rid)
+                self.gc(name)
+        return []
+
     def tick(self, now: float) -> list[Out]:
         """Purge expired messages, delete idle inboxes, retry stalled deliveries."""
         for name in list(self.inboxes):

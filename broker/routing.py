@@ -130,10 +130,10 @@ class Router:
         if peer is None and type(cmd) is not wire.Hello:
             if type(cmd) is wire.Bye:
                 return []
-            # Not a strike: a client the broker forgot (restart, silence) sends these in good
-            # faith; the answer tells it to say HELLO again.
+            # A client the broker forgot (restart, silence) says HELLO again on the first of
+            # these; a peer that keeps sending them is counted like any other bad sender.
             err = ProtocolError("no-hello", f"send HELLO before {cmd.VERB} (this broker does not know you)")
-            return [Out(rid, wire.error(getattr(cmd, "id", None), err))]
+            return self._strike(rid, err, now, getattr(cmd, "id", None))
         try:
             return self._handlers[type(cmd)](peer or rid, cmd, now)
         except ProtocolError as err:

@@ -66,6 +66,7 @@ class BrokerServer:
         self.router: Router | None = None
         self._stop = threading.Event()
         self._sockets: list[zmq.Socket] = []
+        self._dropped: dict[bytes, int] = {}  # replies dropped per peer since the last heartbeat
 
     def bind(self) -> "BrokerServer":
         self._commands = self._socket(zmq.ROUTER, self.config.bind)
@@ -129,6 +130,7 @@ class BrokerServer:
                     next_tick = now + TICK_SECONDS
                 if now >= next_beat:
                     self._send(self.router.heartbeat(now), now)
+                    self._log_dropped()
                     next_beat = now + self.config.heartbeat
         finally:
             self.close()
@@ -158,6 +160,11 @@ class BrokerServer:
             now = time.monotonic()
             self._send(router.end_batch(now), now)
 
+    def _log_dropped(self) -> None:
+        for dest, count in self._dropped.items():
+            log.warning("%d repl%s to %r dropped: its queue is full", count, "y" if count == 1 else "ies", dest)
+        self._dropped.clear()
+
     def _drain_subscriptions(self) -> None:
         # Subscriptions need no action (clients confirm them with markers), but XPUB queues
         # them until read.
@@ -177,8 +184,8 @@ class BrokerServer:
             except zmq.Again:
                 if push is not None:
                     self.router.unsent(dest, push, now, gone=False)
-                else:
-                    log.warning("reply to %r dropped: its queue is full", dest)
+                else:  # counted, and logged once per heartbeat: a peer cannot flood the log
+                    self._dropped[dest] = self._dropped.get(dest, 0) + 1
             except zmq.ZMQError as exc:
                 if exc.errno != errno.EHOSTUNREACH:
                     raise

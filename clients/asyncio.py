@@ -518,6 +518,11 @@ class AsyncClient:
 
     def _dispatch(self, event: tuple) -> None:
         kind = event[0]
+        if kind == "forgotten":  # the broker dropped us (it restarted, or we fell silent)
+            if self._online:
+                self._go_offline("the broker had forgotten this client")
+                self._loop.create_task(self._rejoin())
+            return
         if kind == "reply":
             future = self._pending.get(event[1])
             if future is not None and not future.done():
@@ -574,6 +579,7 @@ class AsyncClient:
     def _flush_outgoing(self) -> None:
         if self._core.posts:
             self._send_posts()  # first: a RELEASE behind them must not overtake them
+        self._core.flush_acks()  # acks of what was taken go before anything sent after it
         sent = False
         for kind, item in self._core.take_outgoing():
             if kind == "dealer":

@@ -178,8 +178,9 @@ class ClientCore:
             raise bad_name(err) if err.code == "bad-name" else BusError(err.message) from None
 
     def hello(self, heartbeat: float = 0.0) -> tuple[int, list[bytes]]:
-        """HELLO, promising heartbeats every ``heartbeat`` seconds (0: none)."""
-        return self._build(wire.Hello, client=self.client_id, heartbeat=heartbeat)
+        """HELLO, promising heartbeats every ``heartbeat`` seconds (0: none). After the first,
+        it asks the broker to ``reset`` what it pushed on the lost connection (sent again)."""
+        return self._build(wire.Hello, client=self.client_id, heartbeat=heartbeat, reset=bool(self.limits))
 
     def on_hello(self, header: dict, wall: float, now: float = 0.0) -> bool:
         """Take the HELLO reply (read at wall-clock time ``wall``): limits, publisher endpoint
@@ -196,7 +197,22 @@ class ClientCore:
         self.broker_instance = header.get("instance", "")
         self.check_limits()
         resumed = bool(header.get("resumed"))
-        if not first and not resumed:
+        if first:
+            return resumed
+        for channel, queue in list(self.queues.items()):
+            if resumed:  # the broker pushes these again: keep only group messages
+                kept = deque(item for item in queue if not item[2])
+            else:  # a new broker never pushed these: deliver them, but nothing to acknowledge
+                kept = deque((body, deadline, False) for body, deadline, _ in queue)
+            if kept:
+                self.queues[channel] = kept
+            else:
+                del self.queues[channel]
+        if resumed:
+            for channel in sorted(self.credited):  # the reset voided its credit
+                self.outgoing.append(("dealer", wire.Credit(channel, self.receive_window).frames()))
+        else:
+            self.pending_acks.clear()
             self._replay(now)
         return resumed
 
@@ -403,6 +419,14 @@ class ClientCore:
             self._flush_acks()
         return message
 
+    def take_acks(self) -> list[bytes] | None:
+        """The ACK for what was taken and not yet acknowledged (None if nothing), on its own:
+        a client back on a new connection sends it before its HELLO."""
+        if not self.pending_acks:
+            return None
+        acks, self.pending_acks = self.pending_acks, {}
+        return wire.Ack(tuple(acks.items())).frames()
+
     def flush_acks(self) -> None:
         """Queue an ACK for every message taken since the last one (no-op when there is none)."""
         if self.pending_acks:
@@ -453,6 +477,8 @@ class ClientCore:
         else:
             result = from_reply(header)
             self.granting.pop(rid, None)
+            if result.code == "no-hello":  # the broker forgot this client: say HELLO again
+                return [("forgotten",)] + ([] if rid is None or rid in self.ignored else [("reply", rid, result)])
             if rid is None:
                 log.error("the broker refused a notice: %s", result)
         key = self.syncing.pop(rid, None)

@@ -109,6 +109,7 @@ class Client:
         """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge.
 
         With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
+        self._catch_up()
         rid, frames = self._core.send(channel, message, time.monotonic())
         if rid is not None:
             self._call(rid, frames)
@@ -234,9 +235,16 @@ class Client:
         self._dealer.close(linger=CLOSE_LINGER_MS)
         self._sub.close(linger=0)
 
+    def _catch_up(self) -> None:
+        """Take in link events that came while the application was not calling us (e.g. the
+        broker restarted meanwhile), so nothing is sent to a broker before HELLO."""
+        if not self._closed and self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            self._io(0)
+
     def _call(self, rid: int, frames: list[bytes]) -> dict:
         if self._closed:
             raise BusError("the client is closed")
+        self._catch_up()
         deadline = time.monotonic() + self.timeout
         while True:
             if not self._online:
@@ -301,12 +309,21 @@ class Client:
             if event == zmq.EVENT_DISCONNECTED:
                 self._go_offline()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self._online:
-                rid, frames = self._core.hello()
-                try:
-                    send_frames(self._dealer, frames)
-                    self._hello_rid = rid
-                except zmq.Again:
-                    pass  # dropped again already; the next handshake says HELLO
+                self._say_hello()
+
+    def _say_hello(self) -> None:
+        """On a new connection: the ACK of what was taken (if the broker still knows us, it
+        must not hand those out again), then HELLO."""
+        core = self._core
+        rid, frames = core.hello()
+        acks = core.take_acks()
+        try:
+            if acks is not None:
+                send_frames(self._dealer, acks)
+            send_frames(self._dealer, frames)
+            self._hello_rid = rid
+        except zmq.Again:
+            pass  # dropped again already; the next handshake says HELLO
 
     def _go_offline(self) -> None:
         if not self._online:
@@ -343,6 +360,9 @@ class Client:
                 for event in digest(frames, time.monotonic(), time.time()):
                     if event[0] == "reply":
                         self._replies[event[1]] = event[2]
+                    elif event[0] == "forgotten" and self._online:  # the broker dropped us
+                        self._go_offline()
+                        self._say_hello()
         self._take_hello()
         core.due_syncs(time.monotonic())
         self._flush_outgoing()

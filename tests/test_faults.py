@@ -129,3 +129,47 @@ def test_a_client_killed_with_sigkill_leaves_its_groups_within_three_seconds(bro
         if child.poll() is None:
             child.kill()
             child.wait(5)
+
+
+@pytest.mark.timeout(30)
+def test_an_async_receive_then_send_sees_the_room_the_receive_made(broker):
+    async def main():
+        async with AsyncClient(broker.url, capacity=1) as bus:
+            await bus.send("one", {"type": "a"})
+            await bus.receive("one", timeout=5)
+            await bus.send("one", {"type": "b"})  # its ACK went first: no false ChannelFull
+            return (await bus.receive("one", timeout=5))["type"]
+
+    assert asyncio.run(main()) == "b"
+
+
+@pytest.mark.timeout(30)
+def test_an_async_client_the_broker_forgot_says_hello_again_and_rejoins(broker):
+    async def main():
+        async with AsyncClient(broker.url, timeout=5) as member, AsyncClient(broker.url) as sender:
+            events = []
+            member.add_listener(events.append)
+            mine = member.new_channel()
+            await member.group_add("room", mine)
+            time.sleep(3.5)  # the member's loop is blocked: no heartbeats, the broker forgets it
+            await asyncio.sleep(1.5)  # its next heartbeat meets "no-hello": it rejoins
+            deadline = time.monotonic() + 5
+            while "reconnected" not in events:
+                assert time.monotonic() < deadline, events
+                await asyncio.sleep(0.05)
+            await sender.group_send("room", {"type": "back"})
+            return (await member.receive(mine, timeout=5))["type"]
+
+    assert asyncio.run(main()) == "back"
+
+
+@pytest.mark.timeout(60)
+def test_a_blocking_clients_first_call_after_an_unnoticed_restart_works(broker_process_factory):
+    broker = broker_process_factory()
+    with Client(broker.url, timeout=5) as bus:
+        bus.send("q", {"type": "before"})
+        kill(broker)
+        restart(broker_process_factory, broker)
+        time.sleep(1.0)  # ZeroMQ reconnects meanwhile; the client makes no call
+        bus.send("q", {"type": "after"})  # takes in the link events and says HELLO first
+        assert bus.receive("q", timeout=5)["type"] == "after"

@@ -1158,3 +1158,15 @@ def test_group_messages_are_numbered_per_group_and_markers_carry_the_last_number
     assert numbers == [1, 2, 3]
     [(_, marker, _)] = published(a.group_sync("room", A_SPECIFIC))
     assert marker["seq"] == 3
+
+
+def test_a_hello_with_reset_puts_back_what_the_lost_connection_carried(router, a, b):
+    for n in range(3):
+        ok(a.send("tasks", n), b"A")
+    received(b.credit("tasks", 10), b"B")  # pushed 0, 1, 2 on a connection that then drops
+    b.ack(("tasks", 1))  # (0 was taken and acknowledged)
+    hello = wire.Hello(99, B_ID, 0.0, True)
+    outs = b.raw(hello.frames())
+    assert ok(outs, b"B")["resumed"] is True
+    assert router.peers[b"B"].credits == {} and router.inboxes["tasks"].inflight == 0
+    assert received(b.credit("tasks", 10), b"B") == [1, 2]  # pushed again, in order

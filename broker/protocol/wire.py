@@ -39,6 +39,7 @@ class Hello(Request):
     VERB: ClassVar[str] = "HELLO"
     client: str = ""
     heartbeat: float = 0.0
+    reset: bool = False  # a client back after a dropped connection: resend what it was pushed
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,12 +51,15 @@ class Hello(Request):
     @classmethod
     def from_wire(cls, header, body):
         no_body(cls.VERB, body)
-        return cls(int_field(header, "id"), field_value(header, "client"), header.get("hb", 0.0))
+        return cls(int_field(header, "id"), field_value(header, "client"), header.get("hb", 0.0),
+                   header.get("reset") is True)
 
     def header(self):
         header = {"id": self.id, "client": self.client}
         if self.heartbeat:
             header["hb"] = self.heartbeat
+        if self.reset:
+            header["reset"] = True
         return header
 
 
