@@ -104,6 +104,8 @@ class ClientCore:
     ) -> None:
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        if type(receive_window) is not int or not 1 <= receive_window <= 100_000:
+            raise ValueError(f"receive_window must be an int from 1 to 100000, got {receive_window!r}")
         for name, value in (("expiry", expiry), ("group_expiry", group_expiry)):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a number of seconds above 0, got {value!r}")

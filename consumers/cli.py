@@ -155,15 +155,16 @@ def main() -> None:
               help="Largest serialised message accepted, in bytes or with a unit (512KiB, 1MiB).")
 @click.option("--max-memory", type=SIZE, default="512MiB", show_default=True,
               envvar="CHANNELBUS_MAX_MEMORY", show_envvar=True,
-              help="Ceiling on queued message bytes the broker holds; past it sends are refused"
-                   " (error 'memory') until receivers catch up.")
+              help="Ceiling on the message bytes the broker holds (queued, or pushed and not yet"
+                   " acknowledged); past it sends are refused (error 'memory') until receivers"
+                   " catch up.")
 @click.option("--heartbeat", type=SECONDS, default=1.0, show_default=True,
               envvar="CHANNELBUS_HEARTBEAT", show_envvar=True,
               help="Seconds between heartbeats to each client; a client that promised heartbeats"
                    " and stays silent for 3 of its intervals is dropped.")
 @click.option("--max-bad-frames", type=COUNT, default=100, show_default=True,
               envvar="CHANNELBUS_MAX_BAD_FRAMES", show_envvar=True,
-              help="Bad messages a peer may send before it is ignored for 10 s.")
+              help="Bad messages a peer may send within 60 s before it is ignored for 10 s.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True, envvar="CHANNELBUS_LOG_LEVEL", show_envvar=True,
               help="Logging threshold.")

@@ -221,3 +221,8 @@ def test_a_gap_in_a_groups_numbers_is_counted_as_lost_not_hidden():
     for seq in (8, 11):  # 9 and 10 never came
         c.on_sub([topic, wire.pack({"op": "msg", "ttl": 60_000, "cap": 100, "seq": seq}), BODY], now=0.0)
     assert c.lost_group_messages == 2
+
+
+def test_a_receive_window_below_one_is_refused_when_the_client_is_made():
+    with pytest.raises(ValueError, match="receive_window"):
+        ClientCore(receive_window=0)
