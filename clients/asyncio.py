@@ -29,6 +29,7 @@ from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 from .sync import DEFAULT_URL
 
 DRAIN_BATCH = 512
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 log = logging.getLogger("channelbus.client")
 
 
@@ -496,24 +497,25 @@ class AsyncClient:
         self._drain_scheduled = False
         if self._closed or self._dealer.closed:  # (closed, or torn down after a failed connect)
             return
-        core = self._core
+        core, dealer, sub = self._core, self._dealer, self._sub
         more = False
-        for sock, digest in ((self._dealer, core.on_dealer), (self._sub, core.on_sub)):
-            for count in range(DRAIN_BATCH):
-                try:
-                    frames = recv_frames(sock)
-                except zmq.Again:
+        for sock, digest in ((dealer, core.on_dealer), (sub, core.on_sub)):
+            count = 0
+            while sock.get(_EVENTS) & _POLLIN:  # (cheaper than catching zmq.Again)
+                if count == DRAIN_BATCH:
+                    more = True
                     break
-                for event in digest(frames, time.monotonic(), time.time()):
+                count += 1
+                for event in digest(recv_frames(sock), time.monotonic(), time.time()):
                     self._dispatch(event)
-            else:
-                more = True
-            if count and sock is self._dealer:
+            if count and sock is dealer:
                 self._last_heard = time.monotonic()
-        self._flush_outgoing()
+        if core.outgoing or core.posts or core.pending_acks:
+            self._flush_outgoing()
+            # The FDs are edge-triggered and a send may take in their news: look again.
+            more = more or dealer.get(_EVENTS) & _POLLIN or sub.get(_EVENTS) & _POLLIN
         self._arm_sync_timer()
-        # The FDs are edge-triggered: re-check after reading and sending.
-        if more or self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN or self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if more:
             self._schedule_drain()
 
     def _dispatch(self, event: tuple) -> None:
