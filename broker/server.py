@@ -150,11 +150,11 @@ class BrokerServer:
         router, sock = self.router, self._commands
         router.begin_batch()  # a burst of sends becomes one MSG per receiver
         try:
-            for _ in range(BATCH):
+            for count in range(1, BATCH + 1):
                 now = time.monotonic()
                 self._send(router.handle(frames[0], frames[1:], now), now)
-                if not sock.get(_EVENTS) & _POLLIN:
-                    break
+                if count == BATCH or not sock.get(_EVENTS) & _POLLIN:
+                    break  # (not reading a message this batch would not handle)
                 frames = recv_frames(sock)
         finally:
             now = time.monotonic()
