@@ -24,7 +24,9 @@ from zmq.utils.monitor import parse_monitor_message
 from broker.protocol.names import CONTROL_TOPIC
 from broker.zio import recv_frames, send_frames
 
-from .core import CLOSE_LINGER_MS, HEARTBEAT, LIVENESS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, publisher_url
+from .core import (
+    CLOSE_LINGER_MS, HEARTBEAT, LIVENESS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, FrontDoor, publisher_url,
+)
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 from .sync import DEFAULT_URL
 
@@ -49,7 +51,7 @@ def _expire(future: asyncio.Future) -> None:
         future.set_exception(_Expired())
 
 
-class AsyncClient:
+class AsyncClient(FrontDoor):
     """An asyncio connection to a channelbus broker; same settings and API as ``Client``.
 
     Use ``async with AsyncClient(url) as client:`` or ``await client.connect()``.
@@ -82,15 +84,6 @@ class AsyncClient:
         (from the event loop; an exception in it is logged, not raised)."""
         self._listeners.append(listener)
 
-    @property
-    def client_id(self) -> str:
-        return self._core.client_id
-
-    @property
-    def counters(self) -> dict:
-        """What this process dropped on its side: group messages for its channels skipped as
-        full (``group_full``) and group messages the publisher lost for it (``group_lost``)."""
-        return {"group_full": self._core.skipped, "group_lost": self._core.lost_group_messages}
 
     async def __aenter__(self) -> "AsyncClient":
         await self.connect()

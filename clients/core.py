@@ -647,6 +647,22 @@ class ClientCore:
         return out
 
 
+class FrontDoor:
+    """What ``Client`` and ``AsyncClient`` share besides the core: read-only views of it."""
+
+    _core: ClientCore
+
+    @property
+    def client_id(self) -> str:
+        return self._core.client_id
+
+    @property
+    def counters(self) -> dict:
+        """What this process dropped on its side: group messages for its channels skipped as
+        full (``group_full``) and group messages the publisher lost for it (``group_lost``)."""
+        return {"group_full": self._core.skipped, "group_lost": self._core.lost_group_messages}
+
+
 def publisher_url(advertised: str, dialled: str) -> str:
     """The publisher endpoint to dial: the broker's advertised one, with a wildcard host
     (``*``, ``0.0.0.0``, ``::``) replaced by the host this client dialled for commands."""

@@ -14,14 +14,14 @@ from zmq.utils.monitor import parse_monitor_message
 from broker.protocol.names import CONTROL_TOPIC
 from broker.zio import recv_frames, send_frames
 
-from .core import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, publisher_url
+from .core import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, FrontDoor, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 
 DEFAULT_URL = "tcp://127.0.0.1:5555"
 log = logging.getLogger("channelbus.client")
 
 
-class Client:
+class Client(FrontDoor):
     """A blocking connection to a channelbus broker.
 
     ``Client(url, capacity=100, expiry=60, group_expiry=86400, channel_capacity=None,
@@ -87,15 +87,6 @@ class Client:
             except Exception:
                 log.exception("connection listener %r failed on %r", listener, event)
 
-    @property
-    def client_id(self) -> str:
-        return self._core.client_id
-
-    @property
-    def counters(self) -> dict:
-        """What this process dropped on its side: group messages for its channels skipped as
-        full (``group_full``) and group messages the publisher lost for it (``group_lost``)."""
-        return {"group_full": self._core.skipped, "group_lost": self._core.lost_group_messages}
 
     def __enter__(self) -> "Client":
         return self

@@ -12,10 +12,21 @@ from .names import check_channel, check_group
 MAX_POST_BODIES = 1024
 
 
-def _check_acks(acks) -> None:
-    for channel, n in acks:
+def _check_counts(pairs, low: int) -> None:
+    """(channel, count) pairs: valid channel names, counts from ``low``."""
+    for channel, n in pairs:
         check_channel(channel)
-        int_field({"n": n}, "n", low=1)
+        int_field({"n": n}, "n", low=low)
+
+
+def _counts(verb: str, header: dict, key: str, required: bool = True) -> tuple:
+    """The (channel, count) pairs of the map field ``key`` (absent: () unless ``required``)."""
+    value = header.get(key)
+    if value is None and not required:
+        return ()
+    if not isinstance(value, dict):
+        raise ProtocolError("bad-header", f"{verb} needs field {key!r}: a map of channel to count", name=key)
+    return tuple(value.items())
 
 
 @dataclass(frozen=True)
@@ -51,15 +62,12 @@ class Ack(Command):
     acks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        _check_acks(self.acks)
+        _check_counts(self.acks, low=1)
 
     @classmethod
     def from_wire(cls, header, body):
         no_body(cls.VERB, body)
-        acks = header.get("acks")
-        if not isinstance(acks, dict):
-            raise ProtocolError("bad-header", "ACK needs field 'acks': a map of channel to count")
-        return cls(tuple(acks.items()))
+        return cls(_counts(cls.VERB, header, "acks"))
 
     def header(self):
         return {"acks": dict(self.acks)}
@@ -102,14 +110,12 @@ class Post(Command):
                 "bad-frame", f"POST takes 1 to {MAX_POST_BODIES} body frames, got {len(self.bodies)}",
                 limit=MAX_POST_BODIES,
             )
-        _check_acks(self.acks)
+        _check_counts(self.acks, low=1)
 
     @classmethod
     def from_wire(cls, header, body):
-        acks = header.get("acks", {})
-        if not isinstance(acks, dict):
-            raise ProtocolError("bad-header", "POST's optional 'acks' must be a map of channel to count")
-        return cls(field_value(header, "ch"), seconds_field(header, "exp"), tuple(body), tuple(acks.items()))
+        acks = _counts(cls.VERB, header, "acks", required=False)
+        return cls(field_value(header, "ch"), seconds_field(header, "exp"), tuple(body), acks)
 
     def header(self):
         header = {"ch": self.channel, "exp": self.expiry}
@@ -132,17 +138,12 @@ class Release(Command):
     slots: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        for channel, n in self.slots:
-            check_channel(channel)
-            int_field({"n": n}, "n")
+        _check_counts(self.slots, low=0)
 
     @classmethod
     def from_wire(cls, header, body):
         no_body(cls.VERB, body)
-        slots = header.get("slots")
-        if not isinstance(slots, dict):
-            raise ProtocolError("bad-header", "RELEASE needs field 'slots': a map of channel to count")
-        return cls(tuple(slots.items()))
+        return cls(_counts(cls.VERB, header, "slots"))
 
     def header(self):
         return {"slots": dict(self.slots)}
