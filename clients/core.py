@@ -52,6 +52,7 @@ from .errors import (
 log = logging.getLogger("channelbus.client")
 
 RESERVE_WANT = 64  # slots asked for per channel; the broker grants at most half the free room
+LAST_SEND_KEEP = 1024  # channels remembered past RELEASE_IDLE before the old ones are dropped
 RELEASE_IDLE = 0.25  # seconds after the last send before unused slots go back
 RECEIVE_WINDOW = 64
 HEARTBEAT = 1.0  # seconds between the asyncio client's heartbeats (when otherwise quiet)
@@ -128,6 +129,7 @@ class ClientCore:
         self.ignored: set[int] = set()  # ids of requests nobody waits on (GSYNC retries)
         self.reserved: dict[str, int] = {}  # slots reserved for POSTs, per channel
         self.last_send: dict[str, float] = {}  # when each channel was last sent to
+        self._prune_at = LAST_SEND_KEEP
         self.granting: dict[int, str] = {}  # SEND request id -> channel (its reply grants slots)
         self.refilling: dict[int, str] = {}  # RESERVE request id -> channel
         self.voided: set[int] = set()  # ids whose grants a RECALL cancelled before they came
@@ -259,6 +261,7 @@ class ClientCore:
         left = self.reserved.get(channel, 0)
         previous = self.last_send.get(channel)
         self.last_send[channel] = now
+        self._forget_old_sends(now)
         if left:  # (the name was checked by the SEND that reserved the slot)
             self.posts.setdefault(channel, []).append(body)
             self.reserved[channel] = left - 1
@@ -278,6 +281,15 @@ class ClientCore:
         if streaming:
             self.granting[rid] = channel
         return rid, frames
+
+    def _forget_old_sends(self, now: float) -> None:
+        """Keep ``last_send`` small: drop channels not sent to for RELEASE_IDLE (amortised: a
+        scan only once it has grown by LAST_SEND_KEEP entries since the last one)."""
+        last = self.last_send
+        if len(last) > self._prune_at:
+            for ch in [ch for ch, t in last.items() if now - t >= RELEASE_IDLE and ch not in self.reserved]:
+                del last[ch]
+            self._prune_at = len(last) + LAST_SEND_KEEP
 
     def _granted(self, channel: str, header: dict, now: float) -> None:
         grant = header.get("grant", 0)
@@ -301,9 +313,7 @@ class ClientCore:
         if idle:
             slots = tuple((ch, self.reserved.pop(ch)) for ch in idle)
             self.outgoing.append(("dealer", wire.Release(slots).frames()))
-        if len(last) > len(self.reserved) + 1024:  # forget old sends, so the map stays small
-            for ch in [ch for ch, t in last.items() if now - t >= RELEASE_IDLE and ch not in self.reserved]:
-                del last[ch]
+        self._forget_old_sends(now)
         held = [last.get(ch, now) for ch, n in self.reserved.items() if n]
         return min(held) + RELEASE_IDLE if held else None
 

@@ -192,10 +192,6 @@ def test_drained_normal_channels_leave_nothing_once_their_receiver_has_gone(brok
     assert_no_channel_state(broker.server.router)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "AsyncClient.send prunes ClientCore.last_send only on the POST path (_arm_release_timer ->"
-    " release_idle); SEND requests to ever-new channels (e.g. a server answering many websocket"
-    " channels) leave one entry per channel for the client's lifetime"))
 @pytest.mark.timeout(60)
 def test_an_async_client_keeps_nothing_for_channels_it_sent_to_long_ago(broker):
     async def main() -> int:
