@@ -129,7 +129,7 @@ class ClientCore:
         self.ignored: set[int] = set()  # ids of requests nobody waits on (GSYNC retries)
         self.reserved: dict[str, int] = {}  # slots reserved for POSTs, per channel
         self.last_send: dict[str, float] = {}  # when each channel was last sent to
-        self._prune_at = LAST_SEND_KEEP
+        self._prune_at = 0.0  # no scan of last_send before this time
         self.granting: dict[int, str] = {}  # SEND request id -> channel (its reply grants slots)
         self.refilling: dict[int, str] = {}  # RESERVE request id -> channel
         self.voided: set[int] = set()  # ids whose grants a RECALL cancelled before they came
@@ -283,13 +283,13 @@ class ClientCore:
         return rid, frames
 
     def _forget_old_sends(self, now: float) -> None:
-        """Keep ``last_send`` small: drop channels not sent to for RELEASE_IDLE (amortised: a
-        scan only once it has grown by LAST_SEND_KEEP entries since the last one)."""
+        """Keep ``last_send`` small: past LAST_SEND_KEEP entries, drop the channels not sent to
+        for RELEASE_IDLE (one scan per RELEASE_IDLE at most, so sends stay O(1) amortised)."""
         last = self.last_send
-        if len(last) > self._prune_at:
+        if len(last) > len(self.reserved) + LAST_SEND_KEEP and now >= self._prune_at:
             for ch in [ch for ch, t in last.items() if now - t >= RELEASE_IDLE and ch not in self.reserved]:
                 del last[ch]
-            self._prune_at = len(last) + LAST_SEND_KEEP
+            self._prune_at = now + RELEASE_IDLE
 
     def _granted(self, channel: str, header: dict, now: float) -> None:
         grant = header.get("grant", 0)
