@@ -96,8 +96,8 @@ class AsyncClient(FrontDoor):
         """Open the sockets and say HELLO (idempotent). Raises BrokerUnavailable, LimitExceeded."""
         if self._loop is not None:
             self._check_loop()
-            if self._connecting is not None:
-                await asyncio.shield(self._connecting)
+            if self._connecting is not None and not self._connecting.done():
+                await asyncio.shield(self._connecting)  # (a failed connect resets _loop to None)
             return
         if self._closed:
             raise BusError("the client is closed")

@@ -53,7 +53,10 @@ log = logging.getLogger("channelbus.client")
 
 RESERVE_WANT = 64  # slots asked for per channel; the broker grants at most half the free room
 LAST_SEND_KEEP = 1024  # channels remembered past RELEASE_IDLE before the old ones are dropped
-RELEASE_IDLE = 0.25  # seconds after the last send before unused slots go back
+# Seconds after the last send to a channel before its unused slots go back (and within which a
+# second send counts as streaming). Generous, because a sender that needs the room makes the
+# broker RECALL them; short, a round robin over many channels would never keep its slots.
+RELEASE_IDLE = 2.0
 RECEIVE_WINDOW = 64
 HEARTBEAT = 1.0  # seconds between the asyncio client's heartbeats (when otherwise quiet)
 LIVENESS = 3  # broker heartbeat intervals of silence after which the link is given up

@@ -75,7 +75,7 @@ def test_unused_slots_go_back_after_release_idle():
     c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": 5})], now=0.02)
     assert c.release_idle(0.1) == pytest.approx(0.01 + RELEASE_IDLE)
     assert sent(c) == []
-    assert c.release_idle(0.01 + RELEASE_IDLE) is None
+    assert c.release_idle(0.011 + RELEASE_IDLE) is None
     assert sent(c) == [(b"\x01RELEASE", {"slots": {"q": 5}})]
 
 

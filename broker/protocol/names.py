@@ -52,10 +52,19 @@ def check_group(name: object) -> str:
     return name
 
 
+_checked: set[str] = set()  # names already found valid (bounded: cleared when full)
+_CHECKED_MAX = 10_000
+
+
 def check_channel(name: object) -> str:
     """Return ``name`` if it is a valid channel name; raise ``ProtocolError('bad-name')``."""
+    if type(name) is str and name in _checked:  # (every send and receive checks its name)
+        return name
     if not isinstance(name, str) or len(name) >= MAX_NAME_LENGTH or not _CHANNEL_RE.match(name):
         raise _invalid("Channel", name, extra=" (and at most one '!')")
+    if len(_checked) >= _CHECKED_MAX:
+        _checked.clear()
+    _checked.add(name)
     return name
 
 
