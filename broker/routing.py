@@ -96,7 +96,7 @@ class Router:
             wire.GroupDiscard: self._group_discard, wire.Flush: self._flush,
             wire.Ping: self._ping, wire.Credit: self._credit, wire.Ack: self._ack,
             wire.Bye: self._bye, wire.Joined: self._joined, wire.Stats: self._stats,
-            wire.Heartbeat: self._heartbeat,
+            wire.Heartbeat: self._heartbeat, wire.GroupPost: self._group_post,
         }
 
     @property
@@ -485,6 +485,12 @@ class Router:
                 header["ccap"] = [list(p) for p in cmd.channel_capacity]
             out.append(Out(PUB, [group_topic(cmd.group), wire.pack(header), cmd.body]))
         return [Out(peer.rid, wire.ok(cmd.id, queued=queued, full=skipped)), *out]
+
+    def _group_post(self, peer: Peer, cmd: wire.GroupPost, now: float) -> list[Out]:
+        try:
+            return self._group_send(peer, cmd, now)[1:]  # (all but the reply)
+        except ProtocolError as err:
+            return [Out(peer.rid, wire.error(None, err))]
 
     def _marker(self, group: str, channel: str, now: float) -> Out:
         """The ``add`` marker: proves a subscription is live and says how long membership

@@ -185,11 +185,23 @@ class AsyncClient(FrontDoor):
         if self._release_timer is None:
             self._arm_release_timer()
 
-    async def group_send(self, group: str, message: dict) -> dict:
-        """Send to every member of ``group``; full members are skipped, never raised."""
+    async def group_send(self, group: str, message: dict, *, wait: bool = True) -> dict | None:
+        """Send to every member of ``group``; full members are skipped, never raised.
+
+        Returns the broker's counts ``{"queued", "full"}``; with ``wait=False`` it returns None
+        at once, without the round trip (the message is checked here as with a send)."""
         await self.connect()
+        if not wait and self._online:
+            _, frames = self._core.group_send(group, message, reply=False)
+            self._flush_outgoing()
+            try:
+                send_frames(self._dealer, frames)
+                self._last_sent = time.monotonic()
+                return None
+            except zmq.Again:  # the link is down: send it as a request, which waits for the link
+                self._go_offline("the connection to the broker was lost")
         reply = await self._call(*self._core.group_send(group, message))
-        return {"queued": reply.get("queued", 0), "full": reply.get("full", 0)}
+        return None if not wait else {"queued": reply.get("queued", 0), "full": reply.get("full", 0)}
 
     async def receive(self, channel: str, timeout: float | None = None) -> dict:
         """The next message of ``channel``. Cancelling it loses and doubles nothing.

@@ -157,7 +157,7 @@ class BusChannelLayer(BaseChannelLayer):
         self.require_valid_group_name(group)
         client = await self._client()
         try:
-            await client.group_send(self._wire(group), message)
+            await client.group_send(self._wire(group), message, wait=False)  # (no counts needed)
         except InvalidName as exc:
             raise TypeError(str(exc)) from exc
 

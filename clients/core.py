@@ -320,13 +320,19 @@ class ClientCore:
         held = [last.get(ch, now) for ch, n in self.reserved.items() if n]
         return min(held) + RELEASE_IDLE if held else None
 
-    def group_send(self, group: str, message: dict) -> tuple[int, list[bytes]]:
+    def group_send(self, group: str, message: dict, reply: bool = True) -> tuple[int | None, list[bytes]]:
+        """GSEND, or (``reply`` False) GPOST, which needs no round trip (``rid`` None)."""
         body = self._body(message)
         patterns = tuple((p.pattern, c) for p, c in self.channel_capacity)
-        return self._build(
-            wire.GroupSend, group=group, capacity=self.capacity, expiry=self.expiry,
-            channel_capacity=patterns, body=body,
-        )
+        fields = dict(group=group, capacity=self.capacity, expiry=self.expiry, channel_capacity=patterns, body=body)
+        if reply:
+            return self._build(wire.GroupSend, **fields)
+        try:
+            frames = wire.GroupPost(id=0, **fields).frames()
+        except ProtocolError as err:
+            raise bad_name(err) if err.code == "bad-name" else BusError(err.message) from None
+        self.unconfirmed += 1
+        return None, frames
 
     def _body(self, message: dict) -> bytes:
         body = pack_message(message)
@@ -366,9 +372,9 @@ class ClientCore:
         return self.marker_failures.pop((group, channel), None)
 
     def group_discard(self, group: str, channel: str) -> tuple[int, list[bytes]]:
-        rid, frames = self._build(wire.GroupDiscard, group=group, channel=channel)
-        self._leave(group, channel)
-        return rid, frames
+        # The local membership ends with the broker's "discard" on the group's topic, which is
+        # ordered with the group's messages: those sent before the discard still arrive.
+        return self._build(wire.GroupDiscard, group=group, channel=channel)
 
     def flush(self) -> tuple[int, list[bytes]]:
         return self._build(wire.Flush)

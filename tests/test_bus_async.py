@@ -111,3 +111,17 @@ def test_an_async_client_that_failed_to_connect_can_try_again(broker_factory):
         return port
 
     assert asyncio.run(main()) == port
+
+
+
+@pytest.mark.timeout(30)
+def test_a_group_send_without_waiting_reaches_every_member_in_order(broker):
+    async def main():
+        async with AsyncClient(broker.url) as member, AsyncClient(broker.url) as sender:
+            mine = member.new_channel()
+            await member.group_add("room", mine)
+            for n in range(50):
+                assert await sender.group_send("room", {"type": "g", "n": n}, wait=False) is None
+            return [(await member.receive(mine, timeout=5))["n"] for _ in range(50)]
+
+    assert asyncio.run(main()) == list(range(50))

@@ -112,6 +112,9 @@ VALID = {
     "GSEND": _message(st.fixed_dictionaries(
         {"id": ids, "g": groups, "cap": caps, "exp": seconds},
         optional={"ccap": st.lists(st.tuples(st.sampled_from(PATTERNS), caps).map(list), max_size=3)}), one_body),
+    "GPOST": _message(st.fixed_dictionaries(
+        {"g": groups, "cap": caps, "exp": seconds},
+        optional={"ccap": st.lists(st.tuples(st.sampled_from(PATTERNS), caps).map(list), max_size=3)}), one_body),
     "GADD": _message(st.fixed_dictionaries({"id": ids, "g": groups, "ch": channels, "gexp": seconds})),
     "GSYNC": _message(st.fixed_dictionaries({"id": ids, "g": groups, "ch": channels})),
     "GDISCARD": _message(st.fixed_dictionaries({"id": ids, "g": groups, "ch": channels})),

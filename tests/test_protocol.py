@@ -169,6 +169,7 @@ ROUND_TRIPS = [
     wire.Release((("tasks", 3), ("other", 1))),
     wire.Joined("room1", "specific.abcd1234!x"),
     wire.Stats(13, 25),
+    wire.GroupPost(0, "room1", 10, 30.0, (("^tasks$", 3),), BODY),
     wire.Heartbeat(),
     wire.Hello(14, "abcd1234", 1.5),
     wire.Ack((("tasks", 2), ("specific.abcd1234!x", 1))),
@@ -301,6 +302,7 @@ GOOD_HEADERS = {
     "JOINED": ({"g": "g", "ch": "q!x"}, ()),
     "STATS": ({"id": 1}, ()),
     "HB": ({}, ()),
+    "GPOST": ({"g": "g", "cap": 1, "exp": 1.0, "ccap": []}, (BODY,)),
 }
 
 

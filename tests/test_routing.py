@@ -1170,3 +1170,17 @@ def test_a_hello_with_reset_puts_back_what_the_lost_connection_carried(router, a
     assert ok(outs, b"B")["resumed"] is True
     assert router.peers[b"B"].credits == {} and router.inboxes["tasks"].inflight == 0
     assert received(b.credit("tasks", 10), b"B") == [1, 2]  # pushed again, in order
+
+
+def test_a_group_post_delivers_like_a_group_send_without_a_reply(router, a, b):
+    a.group_add("room", "inbox")
+    a.group_add("room", B_SPECIFIC)
+    outs = a.raw(wire.GroupPost(0, "room", 100, 60.0, (), body(7)).frames())
+    assert replies(outs, b"A") == []
+    assert len(published(outs)) == 1
+    assert [number(item[0]) for item in router.inboxes["inbox"].queue] == [7]
+
+
+def test_a_refused_group_post_answers_an_error_without_an_id(router, a):
+    outs = a.raw(wire.GroupPost(0, "room", 10**9, 60.0, (), body(1)).frames())
+    assert error(outs, b"A", "limit")["id"] is None

@@ -258,6 +258,23 @@ class Ping(Flush):
     VERB: ClassVar[str] = "PING"
 
 @dataclass(frozen=True)
+class GroupPost(GroupSend):
+    """Notice: GSEND without a reply (``id`` absent, 0 here), for senders that need no counts;
+    a refusal still comes back as an ERROR with no id."""
+
+    VERB: ClassVar[str] = "GPOST"
+
+    @classmethod
+    def from_wire(cls, header, body):
+        return super().from_wire({**header, "id": 0}, body)
+
+    def header(self):
+        header = super().header()
+        del header["id"]
+        return header
+
+
+@dataclass(frozen=True)
 class Stats(Request):
     """What an operator needs at a glance: clients, the ``top`` deepest channels and largest
     groups, counters, memory held, uptime (see docs/protocol.md for the reply)."""
@@ -283,7 +300,7 @@ class Stats(Request):
 COMMANDS: dict[bytes, type[Command]] = {
     verb_frame(cls.VERB): cls
     for cls in (Hello, Send, Reserve, GroupSend, GroupAdd, GroupSync, GroupDiscard, Flush, Ping,
-                Credit, Ack, Bye, Post, Release, Joined, Stats, Heartbeat)
+                Credit, Ack, Bye, Post, Release, Joined, Stats, Heartbeat, GroupPost)
 }
 
 
