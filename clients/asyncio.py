@@ -67,8 +67,7 @@ class AsyncClient(FrontDoor):
         self._pending: dict[int, asyncio.Future] = {}
         self._arrivals: dict[object, list[asyncio.Future]] = {}  # channel or marker key -> waiters
         self._drain_scheduled = False
-        self._ack_scheduled = False
-        self._post_scheduled = False
+        self._sub_unread = True  # the SUB may hold something: its FD fired, or it was touched
         self._sync_timer: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -117,7 +116,7 @@ class AsyncClient(FrontDoor):
         self._sub = self._context.socket(zmq.SUB)
         for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, 1)):
             self._sub.setsockopt(option, value)
-        self._loop.add_reader(self._sub.getsockopt(zmq.FD), self._drain)
+        self._loop.add_reader(self._sub.getsockopt(zmq.FD), self._on_sub_ready)
         self._handshake = self._loop.create_future()
         self._new_dealer()
         timer = self._loop.call_later(self.timeout, _expire, self._handshake)
@@ -133,6 +132,8 @@ class AsyncClient(FrontDoor):
         await self._hello()
         self._sub.connect(publisher_url(self._core.pub_endpoint, self.url))
         self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
+        self._sub_unread = True
+        self._schedule_drain()
         self._beat_timer = self._loop.call_later(HEARTBEAT, self._beat)
 
     def _new_dealer(self) -> None:
@@ -177,9 +178,7 @@ class AsyncClient(FrontDoor):
             await self._call(rid, frames)
             return
         self._check_loop()
-        if not self._post_scheduled:  # the POSTs of one loop iteration go as one message
-            self._post_scheduled = True
-            self._loop.call_soon(self._send_posts)
+        self._schedule_drain()  # the POSTs of one loop iteration go as one message
         if self._core.refilling and self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._drain()  # take in grants now: a sender that never yields still gets them
         if self._release_timer is None:
@@ -214,9 +213,7 @@ class AsyncClient(FrontDoor):
         while True:
             message = core.pop(channel, time.monotonic(), defer_ack=True)
             if message is not None:
-                if not self._ack_scheduled:  # one ACK for what this loop iteration takes
-                    self._ack_scheduled = True
-                    self._loop.call_soon(self._send_acks)
+                self._schedule_drain()  # one ACK for what this loop iteration takes
                 return message
             self._flush_outgoing()
             if not await self._arrival(channel, deadline):
@@ -467,11 +464,11 @@ class AsyncClient(FrontDoor):
         try:
             send_frames(self._dealer, frames)
             self._last_sent = time.monotonic()
+            self._schedule_drain()  # (the send may take in the DEALER's news: edge-triggered FD)
         except zmq.Again:  # no connection (IMMEDIATE): the link events will tell the rest
             pass
 
     def _send_posts(self) -> None:
-        self._post_scheduled = False
         if self._closed or not self._core.posts:
             return
         posts = self._core.take_posts()
@@ -486,29 +483,32 @@ class AsyncClient(FrontDoor):
         self._last_sent = time.monotonic()
         self._schedule_drain()
 
-    def _send_acks(self) -> None:
-        self._ack_scheduled = False
-        if not self._closed:
-            self._core.flush_acks()
-            self._flush_outgoing()
-
     def _schedule_drain(self) -> None:
+        """Run ``_drain`` once, at the next loop iteration: it sends what this iteration queued
+        (its POSTs and acks coalesce) and reads what the sockets hold."""
         if not self._drain_scheduled and not self._closed and self._loop is not None:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        """Read everything both sockets hold (up to a batch), then send what follows."""
+        """Read everything the DEALER holds (and the SUB, when its FD fired or it was touched;
+        up to a batch each), then send what follows."""
         self._drain_scheduled = False
         if self._closed or self._dealer.closed:  # (closed, or torn down after a failed connect)
             return
         core, dealer, sub = self._core, self._dealer, self._sub
         more = False
         for sock, digest in ((dealer, core.on_dealer), (sub, core.on_sub)):
+            if sock is sub:
+                if not self._sub_unread:
+                    continue
+                self._sub_unread = False
             count = 0
             while sock.get(_EVENTS) & _POLLIN:  # (cheaper than catching zmq.Again)
                 if count == DRAIN_BATCH:
                     more = True
+                    if sock is sub:
+                        self._sub_unread = True
                     break
                 count += 1
                 for event in digest(recv_frames(sock), time.monotonic(), time.time()):
@@ -518,10 +518,15 @@ class AsyncClient(FrontDoor):
         if core.outgoing or core.posts or core.pending_acks:
             self._flush_outgoing()
             # The FDs are edge-triggered and a send may take in their news: look again.
-            more = more or dealer.get(_EVENTS) & _POLLIN or sub.get(_EVENTS) & _POLLIN
+            more = more or self._sub_unread or dealer.get(_EVENTS) & _POLLIN
         self._arm_sync_timer()
         if more:
             self._schedule_drain()
+
+    def _on_sub_ready(self) -> None:
+        """The SUB's FD fired (ZeroMQ FDs are per socket: work on the DEALER leaves it alone)."""
+        self._sub_unread = True
+        self._drain()
 
     def _dispatch(self, event: tuple) -> None:
         kind = event[0]
@@ -570,7 +575,7 @@ class AsyncClient(FrontDoor):
             self._sync_timer = None
         if due is not None and due != float("inf"):
             self._sync_timer = self._loop.call_at(
-                self._loop.time() + max(0.0, due - time.monotonic()), self._drain
+                self._loop.time() + max(0.0, due - time.monotonic()), self._on_sub_ready
             )
 
     def _arm_release_timer(self) -> None:
@@ -595,10 +600,9 @@ class AsyncClient(FrontDoor):
                 except zmq.Again:  # link down: notices are moot; the reconnect replays what matters
                     continue
                 sent = True
-            elif kind == "sub":
-                self._sub.setsockopt(zmq.SUBSCRIBE, item)
             else:
-                self._sub.setsockopt(zmq.UNSUBSCRIBE, item)
+                self._sub.setsockopt(zmq.SUBSCRIBE if kind == "sub" else zmq.UNSUBSCRIBE, item)
+                self._sub_unread = sent = True  # (the option may take in the SUB's news too)
         if sent:
             self._last_sent = time.monotonic()
             self._schedule_drain()

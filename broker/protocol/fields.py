@@ -31,8 +31,9 @@ def unpack_header(frame: bytes) -> dict:
         raise ProtocolError("bad-header", f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad-header", f"header must be a msgpack map, got {type(header).__name__}")
-    if any(type(key) is not str for key in header):
-        raise ProtocolError("bad-header", "header keys must all be str")
+    for key in header:  # (a loop: no generator to set up for the few keys of a header)
+        if type(key) is not str:
+            raise ProtocolError("bad-header", "header keys must all be str")
     return header
 
 
@@ -54,7 +55,11 @@ def field_value(header: dict, key: str) -> object:
 
 
 def int_field(header: dict, key: str, *, low: int = 0, default: int | None = None) -> int:
-    value = header.get(key, default)
+    return check_int(key, header.get(key, default), low)
+
+
+def check_int(key: str, value: object, low: int = 0) -> int:
+    """``value`` of field ``key`` if it is an int from ``low`` to MAX_INT (None: missing)."""
     if type(value) is not int or not low <= value <= MAX_INT:
         raise ProtocolError(
             "bad-header" if value is None else "bad-value",
@@ -96,7 +101,7 @@ class Request(Command):
     id: int
 
     def __post_init__(self) -> None:
-        int_field({"id": self.id}, "id")
+        check_int("id", self.id)
 
 
 def one_body(verb: str, body: tuple[bytes, ...]) -> bytes:

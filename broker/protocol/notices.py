@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .errors import ProtocolError
-from .fields import Command, field_value, int_field, no_body, pack, seconds_field, verb_frame
+from .fields import Command, check_int, field_value, int_field, no_body, pack, seconds_field, verb_frame
 from .names import check_channel, check_group
 
 MAX_POST_BODIES = 1024
@@ -16,7 +16,7 @@ def _check_counts(pairs, low: int) -> None:
     """(channel, count) pairs: valid channel names, counts from ``low``."""
     for channel, n in pairs:
         check_channel(channel)
-        int_field({"n": n}, "n", low=low)
+        check_int("n", n, low)
 
 
 def _counts(verb: str, header: dict, key: str, required: bool = True) -> tuple:
@@ -39,7 +39,7 @@ class Credit(Command):
 
     def __post_init__(self) -> None:
         check_channel(self.channel)
-        int_field({"n": self.n}, "n", low=1)
+        check_int("n", self.n, 1)
 
     @classmethod
     def from_wire(cls, header, body):

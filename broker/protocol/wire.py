@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from .errors import ProtocolError, echo
 from .fields import (  # noqa: F401  (re-exported: the wire format in one import)
-    MAX_HEADER_SIZE, MAX_INT, VERSION, Command, Request, body_is_map, field_value, int_field,
+    MAX_HEADER_SIZE, MAX_INT, VERSION, Command, Request, body_is_map, check_int, field_value, int_field,
     no_body, one_body, pack, seconds_field, unpack_header, verb_frame,
 )
 from .names import check_channel, check_client_id, check_group
@@ -77,8 +77,8 @@ class Send(Request):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_channel(self.channel)
-        int_field({"cap": self.capacity}, "cap", low=1)
-        int_field({"want": self.want}, "want")
+        check_int("cap", self.capacity, 1)
+        check_int("want", self.want)
 
     @classmethod
     def from_wire(cls, header, body):
@@ -112,8 +112,8 @@ class Reserve(Request):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_channel(self.channel)
-        int_field({"cap": self.capacity}, "cap", low=1)
-        int_field({"want": self.want}, "want", low=1)
+        check_int("cap", self.capacity, 1)
+        check_int("want", self.want, 1)
 
     @classmethod
     def from_wire(cls, header, body):
@@ -145,7 +145,7 @@ class GroupSend(Request):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_group(self.group)
-        int_field({"cap": self.capacity}, "cap", low=1)
+        check_int("cap", self.capacity, 1)
         if len(self.channel_capacity) > MAX_PATTERNS:
             raise ProtocolError(
                 "bad-value", f"at most {MAX_PATTERNS} channel_capacity patterns are allowed",
@@ -162,7 +162,7 @@ class GroupSend(Request):
                     f" at most {MAX_PATTERN_LENGTH} characters; got {echo(pair)}",
                     limit=MAX_PATTERN_LENGTH,
                 )
-            int_field({"cap": pair[1]}, "cap", low=1)
+            check_int("cap", pair[1], 1)
 
     @classmethod
     def from_wire(cls, header, body):
