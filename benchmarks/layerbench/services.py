@@ -1,0 +1,212 @@
+"""The processes and measurements around a run of the layers benchmark: our own redis-server
+and channelbus broker (``Services``, both on free loopback ports and stopped by PID), stopping
+any process by PID (``stop_pid``: grace, SIGTERM, SIGKILL), and the host's CPU figures from
+/proc (how busy it is, waiting for it to be quiet, busy CPU seconds since boot). ``RunFailed``
+is the error a run raises when a service or a worker lets it down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from .config import HOST, QUIET_BUSY, ROOT
+
+
+class RunFailed(Exception):
+    pass
+
+
+def stop_pid(proc, grace: float) -> None:
+    """Wait ``grace`` seconds for ``proc`` (Popen or Process), then SIGTERM, then SIGKILL its PID."""
+    def alive() -> bool:
+        return proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
+
+    def wait(seconds: float) -> None:
+        if isinstance(proc, subprocess.Popen):
+            try:
+                proc.wait(seconds)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            proc.join(seconds)
+
+    wait(grace)
+    for sig, seconds in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if not alive():
+            return
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        wait(seconds)
+
+
+def host_busy(interval: float = 0.5) -> float | None:
+    """Fraction of all CPUs busy over ``interval`` seconds (from /proc/stat), None if unknown."""
+    def sample():
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def host_cpu_seconds() -> float | None:
+    """CPU seconds all CPUs spent busy since boot (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit: float, deadline: float, log) -> float | None:
+    """Wait (at most ``limit`` seconds) until other programs leave the CPUs idle; return the
+    busy fraction seen last. Another benchmark on a 2-core host would halve every number."""
+    busy = host_busy()
+    end = min(deadline, time.monotonic() + limit)
+    warned = False
+    while busy is not None and busy > QUIET_BUSY and time.monotonic() < end:
+        if not warned:
+            log(f"  host {busy:.0%} busy before the run: waiting up to {limit:g} s for quiet")
+            warned = True
+        time.sleep(1.0)
+        busy = host_busy()
+    return busy
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def read_line(pipe, deadline: float) -> str:
+    """One line from a subprocess pipe, or '' at EOF or the deadline."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return ""
+        ready, _, _ = select.select([pipe], [], [], remaining)
+        if not ready:
+            return ""
+        chunk = os.read(pipe.fileno(), 1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace")
+
+
+class Services:
+    """Our own redis-server and channelbus broker, both stopped by PID in ``close``."""
+
+    def __init__(self, workdir: str, profile_dir: str | None, deadline: float) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.env: dict = {}
+        self.workdir = workdir
+        try:
+            self._start_redis(deadline)
+            self._start_broker(profile_dir, deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_redis(self, deadline: float) -> None:
+        for _ in range(5):  # a free port may be taken before redis binds it: try another
+            port = free_port()
+            log = open(os.path.join(self.workdir, f"redis-{port}.log"), "wb")
+            proc = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+            log.close()
+            self.procs.append(proc)
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    with socket.create_connection((HOST, port), timeout=0.5) as sock:
+                        sock.sendall(b"PING\r\n")
+                        if sock.recv(16).startswith(b"+PONG"):
+                            self.redis_pid = proc.pid
+                            self.env["redis"] = f"redis://{HOST}:{port}"
+                            return
+                except OSError:
+                    time.sleep(0.05)
+            stop_pid(proc, 0)
+        raise RuntimeError(f"redis-server did not start; see {self.workdir}/redis-*.log")
+
+    def _start_broker(self, profile_dir: str | None, deadline: float) -> None:
+        argv = [sys.executable]
+        if profile_dir:
+            argv += ["-m", "cProfile", "-o", os.path.join(profile_dir, "broker.prof")]
+        argv += ["-m", "consumers.cli", "broker", "--bind", f"tcp://{HOST}:*", "--pub-bind", f"tcp://{HOST}:*",
+                 "--log-level", "warning"]
+        log = open(os.path.join(self.workdir, "broker.log"), "wb")
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        self.procs.append(proc)
+        line = read_line(proc.stdout, min(deadline, time.monotonic() + 30))
+        match = re.search(r"listening on (\S+), publishing on (\S+)", line)
+        if not match:
+            raise RuntimeError(f"the broker did not start (said {line!r}); see {self.workdir}/broker.log")
+        self.broker_pid = proc.pid
+        self.env["bus"] = match.group(1)
+
+    def check(self) -> None:
+        """Raise RunFailed (with the end of its log) if the broker or redis-server has exited."""
+        for proc in self.procs:
+            if proc.poll() is not None:
+                name = "broker" if proc.pid == getattr(self, "broker_pid", None) else "redis-server"
+                raise RunFailed(f"the {name} (pid {proc.pid}) exited with status {proc.returncode};"
+                                f" its log ends:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        import glob
+        pattern = "broker.log" if name == "broker" else "redis-*.log"
+        text = ""
+        for path in sorted(glob.glob(os.path.join(self.workdir, pattern))):
+            with open(path, errors="replace") as handle:
+                text += "".join(handle.readlines()[-lines:])
+        return text.rstrip() or "(empty)"
+
+    def cpu(self) -> dict:
+        """CPU seconds used so far by the broker and by redis-server (from /proc)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        result = {}
+        for name, pid in (("bus", getattr(self, "broker_pid", None)), ("redis", getattr(self, "redis_pid", None))):
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                result[name] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            except (OSError, ValueError, IndexError, TypeError):
+                result[name] = None
+        return result
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            stop_pid(proc, 10.0)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self.procs.clear()
+
