@@ -48,6 +48,7 @@ class Peer:
     credits: dict[str, int] = field(default_factory=dict)
     unacked: dict[str, deque] = field(default_factory=dict)  # pushed items, oldest first
     reserved: dict[str, int] = field(default_factory=dict)
+    revoked: dict[str, int] = field(default_factory=dict)  # slots taken back unanswered (RECALL)
     blocked_until: float = 0.0
     heartbeat: float = 0.0  # seconds between the client's heartbeats; 0: it sends none
     last_seen: float = 0.0
@@ -172,22 +173,39 @@ class Delivery:
         return grant
 
     def post(self, peer: Peer, name: str, body: bytes, expires_at: float) -> bool:
-        """Queue ``body`` into a slot ``peer`` reserved; False if it holds none."""
-        if not _take(peer.reserved, name, 1):
+        """Queue ``body`` into a slot ``peer`` reserved (or one revoked from it: the POST was
+        on its way); False if it holds none."""
+        if _take(peer.reserved, name, 1):
+            inbox = self.inboxes[name]
+            inbox.reserved -= 1
+        elif _take(peer.revoked, name, 1):
+            inbox = self.inbox(name)
+        else:
             return False
-        inbox = self.inboxes[name]
-        inbox.reserved -= 1
         inbox.queue.append((body, expires_at))
         self.bytes_held += len(body) + ITEM_OVERHEAD
         return True
 
     def release(self, peer: Peer, name: str, n: int) -> None:
-        """Give back ``n`` of ``peer``'s slots on ``name`` (0: all of them)."""
+        """Give back ``n`` of ``peer``'s slots on ``name`` (0: all of them, revoked ones too)."""
+        asked = n
         n = _take(peer.reserved, name, n or peer.reserved.get(name, 0))
+        # What it gives back beyond what it still holds was revoked: it will not POST there.
+        _take(peer.revoked, name, asked - n if asked else peer.revoked.get(name, 0))
         inbox = self.inboxes.get(name)
         if n and inbox is not None:
             inbox.reserved -= n
             self.gc(name)
+
+    def revoke(self, peer: Peer, name: str) -> int:
+        """Take back every slot ``peer`` holds on ``name`` without its RELEASE (it did not
+        answer a RECALL in time); return how many. POSTs into them are still taken (``post``)
+        until it RELEASEs them: they may have been on their way."""
+        n = peer.reserved.pop(name, 0)
+        if n:
+            peer.revoked[name] = peer.revoked.get(name, 0) + n
+            self.inboxes[name].reserved -= n
+        return n
 
     def purge(self, inbox: Inbox, now: float) -> None:
         live = deque(item for item in inbox.queue if item[1] > now)
@@ -345,6 +363,7 @@ class Delivery:
         peer.unacked.clear()
         for name in list(peer.reserved):
             self.release(peer, name, 0)
+        peer.revoked.clear()
         credited, peer.credits = peer.credits, {}
         for name in credited:
             inbox = self.inboxes.get(name)

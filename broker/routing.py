@@ -71,7 +71,7 @@ class Router:
         self.instance = instance  # changes with every broker start, so clients can tell
         self.stats = dict.fromkeys(
             ("received", "delivered", "full", "expired", "too_large", "memory_refused",
-             "bad_frames", "group_sends", "group_skipped"), 0,
+             "bad_frames", "group_sends", "group_skipped", "revoked"), 0,
         )
         self.delivery = Delivery(self.stats, wall_offset)
         # (owner client, group, channel) -> GADDs waiting for the owner's JOINED: [(rid, id, deadline)]
@@ -389,10 +389,17 @@ class Router:
 
     def _retry_recalled(self, name: str, now: float, final: bool) -> list[Out]:
         """Try the SENDs waiting on ``name`` again, in order; answer those that fit, and the
-        rest with ``full`` once no recalled slots are left (or, ``final``, their time is up)."""
+        rest with ``full`` once no recalled slots are left. ``final`` (their time is up): first
+        revoke the slots of the holders that did not answer, so a silent holder (a blocking
+        client between calls) does not make the channel look full."""
         waiting = self.recalling.pop(name, [])
         out: list[Out] = []
         delivery = self.delivery
+        if final and name in delivery.inboxes:
+            senders = {rid for rid, _, _ in waiting}
+            for holder in delivery.peers.values():
+                if holder.rid not in senders and holder.reserved.get(name):
+                    self.stats["revoked"] += delivery.revoke(holder, name)
         for index, (rid, cmd, deadline) in enumerate(waiting):
             peer = delivery.peers.get(rid)
             if peer is None:

@@ -227,9 +227,10 @@ class Client(FrontDoor):
         self._sub.close(linger=0)
 
     def _catch_up(self) -> None:
-        """Take in link events that came while the application was not calling us (e.g. the
-        broker restarted meanwhile), so nothing is sent to a broker before HELLO."""
-        if not self._closed and self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+        """Take in what came while the application was not calling us: link events (e.g. the
+        broker restarted meanwhile), so nothing is sent to a broker before HELLO, and the
+        broker's news (a RECALL: the slots it revoked must not be posted into)."""
+        if not self._closed and (self._monitor.get(zmq.EVENTS) | self._dealer.get(zmq.EVENTS)) & zmq.POLLIN:
             self._io(0)
 
     def _call(self, rid: int, frames: list[bytes]) -> dict:

@@ -138,7 +138,7 @@ def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = 
         f" memory {counters['memory_refused']}, bad frames {counters['bad_frames']};"
         f" expired {counters['expired']}",
         f"channels: {sample['channels']} (queued {sample['queued']}, in flight {sample['inflight']},"
-        f" reserved {sample['reserved']})",
+        f" reserved {sample['reserved']}; slots revoked from silent holders {counters.get('revoked', 0)})",
     ]
     if sample["top_channels"]:
         lines.append(f"  {'QUEUED':>8} {'IN FLIGHT':>9} {'RESERVED':>8}  CHANNEL")

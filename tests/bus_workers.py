@@ -233,6 +233,23 @@ def receive_one(url: str, channel: str, timeout: float) -> dict:
         return bus.receive(channel, timeout=timeout)
 
 
+def idle_holder(url: str, channel: str, capacity: int, sent, go) -> str:
+    """Send two messages to ``channel`` (the second reserves slots), report on ``sent``, then
+    stay idle (no client call, so no RECALL is read) until ``go``; then try one more send and
+    return "ok" or "full"."""
+    with Client(url, capacity=capacity) as bus:
+        for i in range(2):
+            bus.send(channel, {"type": "held", "i": i})
+        sent.set()
+        if not go.wait(RECEIVE_TIMEOUT):
+            raise AssertionError("never told to go on")
+        try:
+            bus.send(channel, {"type": "held", "i": 2})
+            return "ok"
+        except ChannelFull:
+            return "full"
+
+
 def own_channel(url: str, names, count: int) -> tuple[str, list]:
     """Make a process-specific channel, publish its name on ``names``, receive ``count``."""
     with Client(url) as bus:

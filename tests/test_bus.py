@@ -162,6 +162,33 @@ def test_channel_capacity_glob_and_regex_override_the_default(broker):
 
 
 @pytest.mark.timeout(60)
+def test_a_blocking_client_idle_on_reserved_slots_does_not_make_the_channel_look_full(broker, procs):
+    # The holder reserved slots with its second send and then makes no call, so it cannot
+    # answer the broker's RECALL; after the recall timeout its slots are revoked, and the
+    # channel takes messages up to its real capacity.
+    sent, go = procs.event(), procs.event()
+    holder = procs.start(w.idle_holder, broker.url, "q", 10, sent, go)
+    assert sent.wait(30)
+    accepted = 0
+    with Client(broker.url, capacity=10) as bus:
+        assert bus.stats()["reserved"] == 4  # half the room left by its two messages
+        while accepted < 20:
+            try:
+                bus.send("q", {"type": "m", "i": accepted})
+            except ChannelFull:
+                break
+            accepted += 1
+        assert accepted == 8  # 10 minus the holder's two queued messages
+        go.set()
+        assert holder.result(timeout=30) == "full"  # it read the RECALL and sent without slots
+        got = [bus.receive("q", timeout=5)["type"] for _ in range(10)]
+        assert got.count("held") == 2 and got.count("m") == 8
+        with pytest.raises(ReceiveTimeout):
+            bus.receive("q", timeout=0.3)
+    assert broker.stats["revoked"] == 4
+
+
+@pytest.mark.timeout(60)
 def test_new_channel_of_one_process_receives_what_another_sends(broker, procs):
     names = procs.queue()
     owner = procs.start(w.own_channel, broker.url, names, 3)

@@ -660,14 +660,54 @@ def test_a_recalled_holder_that_posts_first_leaves_the_waiting_send_full(router,
     assert len(router.inboxes["q"].queue) == 5  # exactly the capacity, never more
 
 
-def test_a_send_waiting_on_a_silent_holder_is_refused_after_the_recall_timeout(router, a, c):
+def test_a_send_waiting_on_a_silent_holder_gets_its_revoked_slots_after_the_recall_timeout(router, a, c):
     ok(a.reserve("q", 2, cap=5), b"A")
     for n in range(3):
         ok(c.send("q", n, cap=5), b"C")
     c.send("q", 9, cap=5, now=1.0)
     assert replies(router.tick(1.0 + RECALL_TIMEOUT / 2), b"C") == []
-    error(router.tick(1.0 + RECALL_TIMEOUT), b"C", "full")
+    ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")  # A never answered: its two slots are revoked
     assert router.recalling == {}
+    assert router.inboxes["q"].reserved == 0 and len(router.inboxes["q"].queue) == 4
+    assert router.stats["revoked"] == 2
+    ok(c.send("q", 10, cap=5, now=2.0), b"C")  # the other revoked slot is room again
+    error(c.send("q", 11, cap=5, now=2.0), b"C", "full")
+    assert len(router.inboxes["q"].queue) == 5
+
+
+def test_a_send_waiting_for_slots_still_in_use_after_revocation_is_refused_as_full(router, a, c):
+    ok(a.reserve("q", 2, cap=4), b"A")  # grant 4 // 2 = 2
+    for n in range(2):
+        ok(c.send("q", n, cap=4), b"C")
+    c.send("q", 8, cap=4, now=1.0)
+    c.send("q", 9, cap=4, now=1.0)
+    outs = router.tick(1.0 + RECALL_TIMEOUT)  # two slots come back: both waiting sends fit
+    assert [kind for kind, _ in replies(outs, b"C")] == ["OK", "OK"]
+    error(c.send("q", 10, cap=4, now=2.0), b"C", "full")
+
+
+def test_a_post_already_on_its_way_into_revoked_slots_is_still_queued(router, a, c):
+    ok(a.reserve("q", 2, cap=5), b"A")
+    for n in range(3):
+        ok(c.send("q", n, cap=5), b"C")
+    c.send("q", 9, cap=5, now=1.0)
+    ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")
+    for n in (4, 5):  # A had sent both before it read the RECALL
+        assert replies(a.post("q", n), b"A") == []
+    assert len(router.inboxes["q"].queue) == 6  # one above the capacity, but nothing lost
+    error(a.post("q", 6), b"A", "no-reservation")  # a POST past its slots is refused as ever
+
+
+def test_a_late_answer_to_the_recall_ends_what_revoked_slots_still_take(router, a, c):
+    ok(a.reserve("q", 2, cap=5), b"A")
+    for n in range(3):
+        ok(c.send("q", n, cap=5), b"C")
+    c.send("q", 9, cap=5, now=1.0)
+    ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")
+    assert replies(a.post("q", 4), b"A") == []
+    assert a.release(("q", 0)) == []  # A read the RECALL: it will not post there any more
+    error(a.post("q", 5), b"A", "no-reservation")
+    assert len(router.inboxes["q"].queue) == 5
 
 
 def test_a_holder_that_leaves_frees_its_slots_for_the_waiting_send(router, a, c):
