@@ -172,13 +172,13 @@ class Delivery:
             self.gc(name)
         return grant
 
-    def post(self, peer: Peer, name: str, body: bytes, expires_at: float) -> bool:
-        """Queue ``body`` into a slot ``peer`` reserved (or one revoked from it: the POST was
-        on its way); False if it holds none."""
+    def post(self, peer: Peer, name: str, body: bytes, expires_at: float, revoked: bool = True) -> bool:
+        """Queue ``body`` into a slot ``peer`` reserved (or, with ``revoked``, one revoked from
+        it: a POST into it was on its way); False if it holds none."""
         if _take(peer.reserved, name, 1):
             inbox = self.inboxes[name]
             inbox.reserved -= 1
-        elif _take(peer.revoked, name, 1):
+        elif revoked and _take(peer.revoked, name, 1):
             inbox = self.inbox(name)
         else:
             return False

@@ -356,7 +356,7 @@ class Router:
         ):
             # A sender whose own slots are what fills the channel (its grant crossed this SEND)
             # uses one of them; otherwise others' slots may be recalled.
-            if not delivery.post(peer, cmd.channel, cmd.body, now + cmd.expiry):
+            if not delivery.post(peer, cmd.channel, cmd.body, now + cmd.expiry, revoked=False):
                 return self._recall_or_refuse(peer, cmd, now)
         self.stats["received"] += 1
         reply = wire.ok(cmd.id)

@@ -698,6 +698,17 @@ def test_a_post_already_on_its_way_into_revoked_slots_is_still_queued(router, a,
     error(a.post("q", 6), b"A", "no-reservation")  # a POST past its slots is refused as ever
 
 
+def test_a_send_request_never_takes_a_revoked_slot(router, a, c):
+    ok(a.reserve("q", 2, cap=5), b"A")
+    for n in range(3):
+        ok(c.send("q", n, cap=5), b"C")
+    c.send("q", 9, cap=5, now=1.0)
+    ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")
+    ok(c.send("q", 10, cap=5, now=2.0), b"C")
+    error(a.send("q", 4, cap=5, now=2.0), b"A", "full")  # a request can be refused: no loss
+    assert len(router.inboxes["q"].queue) == 5
+
+
 def test_a_late_answer_to_the_recall_ends_what_revoked_slots_still_take(router, a, c):
     ok(a.reserve("q", 2, cap=5), b"A")
     for n in range(3):
