@@ -34,6 +34,7 @@ from .groups import Groups
 from .protocol import wire
 from .protocol.errors import ProtocolError
 from .protocol.names import CONTROL_TOPIC, group_topic, owner_of
+from .protocol.patterns import compile_pattern
 
 PUB = None  # Out.dest for the publisher socket
 GROUP_SWEEP_SECONDS = 5.0  # group_send also drops expired members of the group it reaches
@@ -294,18 +295,13 @@ class Router:
             )
 
     def _compile(self, patterns) -> list[tuple[re.Pattern, int]]:
-        """The channel_capacity pairs with compiled regexes; ``bad-value`` if one is invalid."""
+        """The channel_capacity pairs with compiled regexes; ``bad-value`` if one is invalid
+        or could backtrack without bound (broker.protocol.patterns)."""
         compiled = []
         for source, capacity in patterns:
             pattern = self._patterns.get(source)
             if pattern is None:
-                try:
-                    pattern = re.compile(source)
-                except (re.error, RecursionError, OverflowError, ValueError) as exc:
-                    # (re raises OverflowError for a{4294967296}, ValueError for (?a)(?u)x)
-                    raise ProtocolError(
-                        "bad-value", f"channel_capacity pattern {source!r} is not a valid regex: {exc}"
-                    ) from None
+                pattern = compile_pattern(source)
                 if len(self._patterns) > 1024:
                     self._patterns.clear()
                 self._patterns[source] = pattern

@@ -113,6 +113,16 @@ def test_bad_frames_get_error_replies_and_do_not_disturb_a_good_client(broker_fa
                     assert header["limit"] == 1024 and header["size"] > 1024
                 assert_client_works(bus, i)
 
+            # A channel_capacity regex that could backtrack without bound is refused, not run:
+            # against this member's name, '(a+)+$' would keep the broker busy for ages.
+            verb, _ = request(sock, [V + b"GADD", pack({"id": 30, "g": "rx", "ch": "a" * 60 + "b", "gexp": 60.0})])
+            assert verb == V + b"OK"
+            gsend = {"id": 31, "g": "rx", "cap": 100, "exp": 60.0, "ccap": [["(a+)+$", 5]]}
+            header = expect_error(sock, [V + b"GSEND", pack(gsend), pack({"type": "t"})], "bad-value",
+                                  "repetition inside a repetition", "(a+)+$", request_id=31)
+            assert header["limit"] == 3
+            assert_client_works(bus, 99)
+
             # The raw peer is still served after its mistakes (it is under its budget).
             verb, header = request(sock, [V + b"PING", pack({"id": 99})])
             assert (verb, header["id"]) == (V + b"OK", 99)

@@ -577,6 +577,20 @@ def test_an_invalid_channel_capacity_regex_is_refused_and_delivers_nothing(route
     assert published(outs) == []
 
 
+@pytest.mark.parametrize("pattern, rule", [
+    (r"(a+)+b", "repetition inside a repetition"),
+    (r"(a|ab)*c", "alternation (|) inside a repetition"),
+    (r"(a)\1", "backreference"),
+    (r"a*b*c*d*", "4 repetitions (at most 3)"),
+])
+def test_a_channel_capacity_regex_that_could_backtrack_without_bound_is_refused(router, a, pattern, rule):
+    a.group_add("room", "a" * 60 + "b")
+    header = error(a.group_send("room", ccap=((pattern, 5),)), b"A", "bad-value")
+    assert rule in header["message"] and repr(pattern) in header["message"]
+    assert header["limit"] == 3
+    assert "a" * 60 + "b" not in router.inboxes  # nothing delivered
+
+
 def test_group_add_of_a_specific_channel_publishes_an_add_marker_with_ttl(router, b):
     outs = b.group_add("room", B_SPECIFIC, gexp=30.0, now=100.0)
     ok(outs, b"B")
