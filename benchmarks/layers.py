@@ -33,6 +33,12 @@ Scenarios (message ``{"type": "bench.msg", "seq": i, "payload": <64 chars>}``):
 - ``many``: 1,000 channels (``new_channel()``) in one receiver process, one ``receive`` loop
   each; 20,000 messages sent round robin from another process; messages/s.
 
+``--layers ...,floor`` adds a fourth contender for p2p, rtt and many (see layerbench/floor.py):
+a plain Python ZeroMQ forwarder (one ROUTER loop and a table of who receives which channel) and
+a bare asyncio client for it, with no capacity, expiry, acknowledgement or groups. It is the
+least any layer with one central Python hop can cost here, so it shows which targets the
+architecture allows at all.
+
 Every layer gets the same settings: ``capacity`` (``--capacity``, default 25,000: above any
 channel's total in these scenarios, so a sender is not just throttled by ``ChannelFull`` and
 ``group_send`` never has a reason to skip a member) and ``expiry`` 60 s. The pubsub layer takes
@@ -76,7 +82,9 @@ BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
 
-from layerbench.config import FULL, LAYER_TITLES, LAYERS, QUICK, SCENARIOS  # noqa: E402
+from layerbench.config import (  # noqa: E402
+    FULL, LAYER_SCENARIOS, LAYER_TITLES, LAYERS, OPTIONAL_LAYERS, QUICK, SCENARIOS,
+)
 from layerbench.report import METRICS, fmt, render, summarise  # noqa: E402
 from layerbench.run import one_run  # noqa: E402
 from layerbench.services import RunFailed, Services  # noqa: E402
@@ -89,7 +97,8 @@ def parse(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (1 repetition unless -r)")
     parser.add_argument("-r", "--repetitions", type=int, default=None, help="repetitions per run (default 3)")
-    parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated: bus,core,pubsub")
+    parser.add_argument("--layers", default=",".join(LAYERS),
+                        help="comma-separated: bus,core,pubsub (default), and floor (p2p, rtt, many only)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: p2p,rtt,fanout,many")
     parser.add_argument("--capacity", type=int, default=25_000, help="capacity given to every layer that has one")
     parser.add_argument("--timeout", type=float, default=3600.0, help="whole invocation, seconds")
@@ -109,8 +118,8 @@ def parse(argv):
     opts.layers = [k.strip() for k in opts.layers.split(",") if k.strip()]
     opts.scenarios = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
     for k in opts.layers:
-        if k not in LAYERS:
-            parser.error(f"unknown layer {k!r}; choose from {', '.join(LAYERS)}")
+        if k not in LAYERS + OPTIONAL_LAYERS:
+            parser.error(f"unknown layer {k!r}; choose from {', '.join(LAYERS + OPTIONAL_LAYERS)}")
     for s in opts.scenarios:
         if s not in SCENARIOS:
             parser.error(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
@@ -132,18 +141,19 @@ def main(argv=None) -> int:
         os.makedirs(opts.profile, exist_ok=True)
         opts.profile = os.path.abspath(opts.profile)
     ctx = multiprocessing.get_context("spawn")
-    results: dict = {s: {k: [] for k in opts.layers} for s in opts.scenarios}
+    results: dict = {s: {k: [] for k in opts.layers if s in LAYER_SCENARIOS.get(k, SCENARIOS)}
+                     for s in opts.scenarios}
     discarded: list[dict] = []  # runs repeated because other programs competed for the CPUs
     failures = 0
     with tempfile.TemporaryDirectory(prefix="channelbus-layers-") as workdir:
-        services = Services(workdir, opts.profile, deadline)
+        services = Services(workdir, opts.profile, deadline, floor="floor" in opts.layers)
         log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
         log(f"redis-server pid {services.redis_pid} at {services.env['redis']};"
             f" broker pid {services.broker_pid} at {services.env['bus']}")
         try:
             for scenario in opts.scenarios:
                 for rep in range(opts.repetitions):
-                    for kind in opts.layers:  # interleaved, so drift on the host hits every layer alike
+                    for kind in results[scenario]:  # interleaved: drift on the host hits every layer alike
                         for attempt in range(1 + opts.redo_noisy):
                             res = one_run(scenario, kind, rep, opts, sizes, services, ctx, deadline, log)
                             if "error" in res:

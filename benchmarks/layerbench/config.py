@@ -11,12 +11,15 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 HOST = "127.0.0.1"
 PAYLOAD = "p" * 64
-LAYERS = ("bus", "core", "pubsub")
+LAYERS = ("bus", "core", "pubsub")  # the default race
+OPTIONAL_LAYERS = ("floor",)  # asked for by name (--layers): see floor.py
 LAYER_TITLES = {
     "bus": "BusChannelLayer",
     "core": "channels_redis core",
     "pubsub": "channels_redis pubsub",
+    "floor": "floor (plain forwarder)",
 }
+LAYER_SCENARIOS = {"floor": ("p2p", "rtt", "many")}  # (it has no groups)
 SCENARIOS = ("p2p", "rtt", "fanout", "many")
 FULL = {"p2p": 20_000, "rtt": 2_000, "fanout_sends": 1_000, "fanout_procs": 4, "fanout_channels": 25,
         "many_channels": 1_000, "many_messages": 20_000}

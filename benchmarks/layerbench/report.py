@@ -29,6 +29,8 @@ NOTES = {
     ("pubsub", "many"): "no capacity (ChannelFull never raised); at most once, to whoever is subscribed",
     ("pubsub", "rtt"): "at most once",
     ("pubsub", "fanout"): "no capacity: nothing bounds a slow member's queue",
+    **{("floor", s): "no capacity, expiry or acks; at most once: the least one central Python hop costs"
+       for s in ("p2p", "rtt", "many")},
 }
 
 
@@ -83,8 +85,8 @@ def render(summary: dict, layers: list[str], opts, sizes: dict) -> str:
     ratio_cols = []
     if "core" in layers:
         ratio_cols += [(k, "core") for k in layers if k != "core"]
-    if "pubsub" in layers and "bus" in layers:
-        ratio_cols.append(("bus", "pubsub"))
+    if "pubsub" in layers:
+        ratio_cols += [(k, "pubsub") for k in ("bus", "floor") if k in layers]
     head += [f"{a} / {b}" for a, b in ratio_cols] + ["target", "met"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -98,7 +100,7 @@ def render(summary: dict, layers: list[str], opts, sizes: dict) -> str:
             cells = [row_label]
             for k in layers:
                 s = by.get(k)
-                cells.append(fmt(s.get(field) if s else None, unit) if s and s["ok"] else "failed")
+                cells.append("not run" if s is None else fmt(s.get(field), unit) if s["ok"] else "failed")
             for a, b in ratio_cols:
                 ra = by.get(a, {}).get(field) if by.get(a, {}).get("ok") else None
                 rb = by.get(b, {}).get(field) if by.get(b, {}).get("ok") else None
@@ -121,7 +123,7 @@ def render(summary: dict, layers: list[str], opts, sizes: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     out = ["## Medians", "", *lines, "", "## Details per layer", ""]
     out.append("| scenario | layer | runs ok | each run | losses | duplicates | ChannelFull retries | sender alone"
-               " | CPU µs per unit: sender / receiver(s) / broker or redis | host busy before / others during (max)"
+               " | CPU µs per unit: sender / receiver(s) / broker, redis or forwarder | host busy before / others during (max)"
                " | note |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for scenario in SCENARIOS:
@@ -138,7 +140,7 @@ def render(summary: dict, layers: list[str], opts, sizes: dict) -> str:
             else:
                 losses = ", ".join(map(str, s["losses"])) or "-"
                 dups = ", ".join(map(str, s["dups"])) or "-"
-                retries = "n/a (no capacity)" if k == "pubsub" else (", ".join(map(str, s["retries"])) or "-")
+                retries = "n/a (no capacity)" if k in ("pubsub", "floor") else (", ".join(map(str, s["retries"])) or "-")
                 per = "group_sends/s" if scenario == "fanout" else "sends/s"
                 sender = f"{fmt(s['send_rate'], unit)} {per}" if s["send_rate"] else "-"
             busy = ("?" if s["busy"] is None else f"{s['busy']:.0%}") + " / " + (
@@ -154,7 +156,7 @@ def render(summary: dict, layers: list[str], opts, sizes: dict) -> str:
             f" (bus and core; pubsub has neither). Medians of {opts.repetitions} repetition(s).",
             "", "CPU per unit: process CPU time of each side during the timed phase divided by the messages"
             " (p2p, many), round trips (rtt: sender = ping side, receiver = pong side) or group_sends (fanout;"
-            " receivers summed over all receiver processes); broker or redis-server from /proc."
+            " receivers summed over all receiver processes); broker, redis-server or the floor's forwarder from /proc."
             " Host busy before: all CPUs, just before the run (the broker and redis idle). Others during:"
             " CPU used by no process of the run during its timed phase, as a share of all CPUs (other"
             " programs on the host; /proc tick granularity makes small values noise)."]

@@ -36,11 +36,14 @@ def make_layer(kind: str, env: dict, capacity: int):
     if kind == "pubsub":
         from channels_redis.pubsub import RedisPubSubChannelLayer
         return RedisPubSubChannelLayer(hosts=[env["redis"]])  # takes no capacity nor expiry
+    if kind == "floor":
+        from .floor import FloorLayer
+        return FloorLayer(env["floor"])
     raise ValueError(f"unknown layer {kind!r}")
 
 
 async def close_layer(kind: str, layer) -> None:
-    if kind == "bus":
+    if kind in ("bus", "floor"):
         await layer.close()
     elif kind == "core":
         await layer.close_pools()

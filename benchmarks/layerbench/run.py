@@ -95,7 +95,7 @@ def run_once(scenario: str, kind: str, rep: int, opts, sizes: dict, services: Se
     tag = f"{scenario}-{kind}-{rep}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
     base = {"capacity": opts.capacity}
     workers: list[Worker] = []
-    server = "bus" if kind == "bus" else "redis"
+    server = kind if kind in ("bus", "floor") else "redis"
     server_cpu, host_cpu, walls = [], [], []
 
     def mark() -> None:

@@ -117,13 +117,15 @@ def read_line(pipe, deadline: float) -> str:
 class Services:
     """Our own redis-server and channelbus broker, both stopped by PID in ``close``."""
 
-    def __init__(self, workdir: str, profile_dir: str | None, deadline: float) -> None:
+    def __init__(self, workdir: str, profile_dir: str | None, deadline: float, floor: bool = False) -> None:
         self.procs: list[subprocess.Popen] = []
         self.env: dict = {}
         self.workdir = workdir
         try:
             self._start_redis(deadline)
             self._start_broker(profile_dir, deadline)
+            if floor:
+                self._start_floor(deadline)
         except BaseException:
             self.close()
             raise
@@ -168,11 +170,25 @@ class Services:
         self.broker_pid = proc.pid
         self.env["bus"] = match.group(1)
 
+    def _start_floor(self, deadline: float) -> None:
+        """The floor's plain forwarder (floor.py), for ``--layers ...,floor``."""
+        proc = subprocess.Popen([sys.executable, "-m", "layerbench.floor", f"tcp://{HOST}:*"],
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        line = read_line(proc.stdout, min(deadline, time.monotonic() + 30))
+        match = re.search(r"listening on (\S+)", line)
+        if not match:
+            raise RuntimeError(f"the floor forwarder did not start (said {line!r})")
+        self.floor_pid = proc.pid
+        self.env["floor"] = match.group(1)
+
     def check(self) -> None:
         """Raise RunFailed (with the end of its log) if the broker or redis-server has exited."""
         for proc in self.procs:
             if proc.poll() is not None:
-                name = "broker" if proc.pid == getattr(self, "broker_pid", None) else "redis-server"
+                name = {getattr(self, "broker_pid", None): "broker",
+                        getattr(self, "floor_pid", None): "floor forwarder"}.get(proc.pid, "redis-server")
                 raise RunFailed(f"the {name} (pid {proc.pid}) exited with status {proc.returncode};"
                                 f" its log ends:\n{self.log_tail(name)}")
 
@@ -189,7 +205,8 @@ class Services:
         """CPU seconds used so far by the broker and by redis-server (from /proc)."""
         tick = os.sysconf("SC_CLK_TCK")
         result = {}
-        for name, pid in (("bus", getattr(self, "broker_pid", None)), ("redis", getattr(self, "redis_pid", None))):
+        for name, pid in (("bus", getattr(self, "broker_pid", None)), ("redis", getattr(self, "redis_pid", None)),
+                          ("floor", getattr(self, "floor_pid", None))):
             try:
                 with open(f"/proc/{pid}/stat") as handle:
                     fields = handle.read().rsplit(")", 1)[1].split()
