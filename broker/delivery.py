@@ -33,6 +33,7 @@ from .protocol.names import owner_of
 MAX_CREDIT = 100_000
 ITEM_OVERHEAD = 64  # bytes counted per queued message on top of its body (tuple, deque slot)
 BLOCKED_RETRY = 0.05  # seconds before retrying a peer whose socket queue was full
+PUB = None  # Out.dest for the publisher socket
 
 
 class Out(NamedTuple):

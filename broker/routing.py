@@ -8,16 +8,12 @@ routing id or ``PUB`` for the group publisher. ``Router.tick(now)`` expires what
 retries stalled deliveries. The server owns the sockets and the clock; it may wrap a burst of
 messages in ``begin_batch()`` / ``end_batch(now)`` so deliveries go out once per burst.
 
-Channels, credit and reservations live in ``delivery.Delivery`` (see its rules). Here:
+Channels, credit and reservations live in ``delivery.Delivery``; the group commands in
+``group_routing.GroupRouting``; SENDs that wait for recalled slots in ``recall.RecallWaits``
+(both mixed into ``Router``; see their rules). Here:
 
 - Requests are checked against the operator's ``Limits``; a refusal is an ERROR reply with a
   code and the limit, and costs the peer nothing else.
-- Groups map channel -> membership expiry. GSEND queues the body in the inbox of each normal
-  member (skipping full ones) and publishes it once on the group's topic when any member is
-  process-specific; each client hands it to its own members. Membership changes of
-  process-specific channels are published on the same topic, so each client sees them in order
-  with the messages (GADD and GSYNC publish an ``add`` marker; the client that waits for
-  ``group_add`` to finish waits for that marker, which proves its subscription is live).
 - A peer that sends more than ``max_bad_frames`` bad messages within STRIKE_WINDOW seconds is
   ignored for ``ban_seconds``.
 """
@@ -25,25 +21,25 @@ Channels, credit and reservations live in ``delivery.Delivery`` (see its rules).
 from __future__ import annotations
 
 import heapq
-import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .delivery import ITEM_OVERHEAD, Delivery, Out, Peer
-from .groups import Groups
+from .delivery import ITEM_OVERHEAD, PUB, Delivery, Out, Peer
+from .group_routing import GROUP_SWEEP_SECONDS, JOIN_TIMEOUT, GroupRouting
 from .protocol import wire
 from .protocol.errors import ProtocolError
-from .protocol.names import CONTROL_TOPIC, group_topic, owner_of
-from .protocol.patterns import compile_pattern
+from .protocol.names import CONTROL_TOPIC, owner_of
+from .recall import RECALL_TIMEOUT, RecallWaits
 
-PUB = None  # Out.dest for the publisher socket
-GROUP_SWEEP_SECONDS = 5.0  # group_send also drops expired members of the group it reaches
-REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken")
+__all__ = [
+    "GROUP_SWEEP_SECONDS", "JOIN_TIMEOUT", "LIVENESS", "PUB", "RECALL_TIMEOUT", "REFUSALS",
+    "RESERVE_HEADROOM", "STRIKE_WINDOW", "Limits", "Out", "Router",
+]
+
+REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken")  # answered, not struck
 RESERVE_HEADROOM = 4  # no new send slots unless this many largest messages would still fit in memory
-RECALL_TIMEOUT = 0.2  # seconds a SEND waits for recalled slots before it is refused as full
-JOIN_TIMEOUT = 5.0
 STRIKE_WINDOW = 60.0  # seconds over which bad messages are counted against max_bad_frames
-LIVENESS = 3  # heartbeat intervals of silence after which a peer that promised heartbeats is dead  # seconds a GADD for another client's channel waits for that client's JOINED  # answered, not held against the peer
+LIVENESS = 3  # heartbeat intervals of silence after which a peer that promised heartbeats is dead
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,7 @@ class Limits:
     heartbeat: float = 1.0  # seconds between the broker's heartbeats to each peer
 
 
-class Router:
+class Router(GroupRouting, RecallWaits):
     def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "", wall_offset: float = 0.0,
                  started: float = 0.0, instance: str = "") -> None:
         """``wall_offset`` turns the monotonic ``now`` into wall-clock seconds for the ``at`` and
@@ -75,20 +71,11 @@ class Router:
              "bad_frames", "group_sends", "group_skipped", "revoked"), 0,
         )
         self.delivery = Delivery(self.stats, wall_offset)
-        # (owner client, group, channel) -> GADDs waiting for the owner's JOINED: [(rid, id, deadline)]
-        self.joining: dict[tuple[str, str, str], list[tuple[bytes, int, float]]] = {}
-        # channel -> SENDs that found it full only because of other peers' reserved slots, in
-        # arrival order, waiting for those peers to answer a RECALL: [(rid, Send, deadline)]
-        self.recalling: dict[str, list[tuple[bytes, wire.Send, float]]] = {}
-        # group -> number of its last message published: clients see gaps (messages the
-        # publisher dropped for them) instead of losing them silently
-        self.published: dict[str, int] = {}
-        self.groups = Groups()
+        self._init_groups()  # groups, joining, published
+        self._init_recalls()  # recalling
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
         self._strikes_since: dict[bytes, float] = {}
-        self._patterns: dict[str, re.Pattern] = {}
-        self._next_group_sweep = 0.0
         self._last_now = started
         self._handlers: dict[type, Callable] = {
             wire.Hello: self._hello, wire.Send: self._send, wire.Reserve: self._reserve,
@@ -155,32 +142,12 @@ class Router:
         return self.delivery.end_batch(now)
 
     def tick(self, now: float) -> list[Out]:
-        """Expire messages and memberships that are due; retry stalled deliveries."""
-        if now >= self._next_group_sweep:
-            self.groups.expire(now)
-            for group in [g for g in self.published if g not in self.groups]:
-                del self.published[group]  # (a group that comes back starts again from 1)
-            self._next_group_sweep = now + GROUP_SWEEP_SECONDS
+        """Expire messages, memberships and waits that are due; retry stalled deliveries."""
+        self._sweep_groups(now)
         out = self.delivery.tick(now)
-        for name in [n for n, waiting in self.recalling.items() if waiting[0][2] <= now]:
-            out += self._retry_recalled(name, now, final=True)
-        for key in [k for k, waiters in self.joining.items() if any(w[2] <= now for w in waiters)]:
-            late = [w for w in self.joining[key] if w[2] <= now]
-            self.joining[key] = [w for w in self.joining[key] if w[2] > now]
-            if not self.joining[key]:
-                del self.joining[key]
-            out += self._unconfirmed(key, late, f"did not confirm within {JOIN_TIMEOUT:g} s")
+        out += self._expire_recalls(now)
+        out += self._expire_joins(now)
         return out
-
-    def _unconfirmed(self, key, waiters, why: str) -> list[Out]:
-        client, group, channel = key
-        err = ProtocolError(
-            "unconfirmed",
-            f"the membership of {channel!r} in {group!r} is recorded, but its owner {client!r} {why};"
-            " until it subscribes, group messages may miss it",
-            name=channel,
-        )
-        return [Out(rid, wire.error(request_id, err)) for rid, request_id, _ in waiters]
 
     def heartbeat(self, now: float) -> list[Out]:
         """Every ``limits.heartbeat`` seconds: forget peers silent for LIVENESS of their own
@@ -212,20 +179,12 @@ class Router:
     # -- helpers ----------------------------------------------------------------------------
 
     def _forget(self, peer: Peer) -> list[Out]:
-        """Drop a peer and everything of its; answer GADDs that waited for it."""
+        """Drop a peer and everything of its; answer GADDs that waited for it, and retry SENDs
+        that waited for its slots."""
         held = list(peer.reserved)
         self.delivery.forget(peer, drop_specific=True)
-        self.groups.drop_owner(peer.client)
-        out: list[Out] = []
-        for key in [k for k in self.joining if k[0] == peer.client]:
-            out += self._unconfirmed(key, self.joining.pop(key), "disconnected")
-        for name, waiting in list(self.recalling.items()):
-            waiting[:] = [w for w in waiting if w[0] != peer.rid]
-            if not waiting:
-                del self.recalling[name]
-        for name in held:
-            if name in self.recalling:
-                out += self._retry_recalled(name, self._last_now, final=False)
+        out = self._forget_groups(peer.client)
+        out += self._forget_recalls(peer.rid, held, self._last_now)
         return out
 
     def _strike(self, rid: bytes, err: ProtocolError, now: float, request_id=None) -> list[Out]:
@@ -294,20 +253,6 @@ class Router:
                 size=held, limit=limit,
             )
 
-    def _compile(self, patterns) -> list[tuple[re.Pattern, int]]:
-        """The channel_capacity pairs with compiled regexes; ``bad-value`` if one is invalid
-        or could backtrack without bound (broker.protocol.patterns)."""
-        compiled = []
-        for source, capacity in patterns:
-            pattern = self._patterns.get(source)
-            if pattern is None:
-                pattern = compile_pattern(source)
-                if len(self._patterns) > 1024:
-                    self._patterns.clear()
-                self._patterns[source] = pattern
-            compiled.append((pattern, capacity))
-        return compiled
-
     # -- command handlers -------------------------------------------------------------------
 
     def _hello(self, peer_or_rid, cmd: wire.Hello, now: float) -> list[Out]:
@@ -337,9 +282,7 @@ class Router:
         for name in [n for n, box in delivery.inboxes.items() if box.queue and owner_of(n) == cmd.client]:
             out += delivery.kick(name, now)  # messages that waited for this client
         if not resumed:  # memberships recorded while it was away: it must subscribe to them
-            for group, channel in self.groups.owned_by(cmd.client):
-                join = {"g": group, "ch": channel, "gexp": self.groups.expires_at(group, channel) - now}
-                out.append(Out(rid, [wire.JOIN, wire.pack(join)]))
+            out += self._rejoin(rid, cmd.client, now)
         return out
 
     def _send(self, peer: Peer, cmd: wire.Send, now: float) -> list[Out]:
@@ -361,56 +304,6 @@ class Router:
         ):
             reply = wire.ok(cmd.id, grant=delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now))
         return [Out(peer.rid, reply), *delivery.kick(cmd.channel, now)]
-
-    def _full(self, cmd: wire.Send) -> ProtocolError:
-        self.stats["full"] += 1
-        return ProtocolError(
-            "full", f"channel {cmd.channel!r} already holds its capacity of {cmd.capacity} messages",
-            channel=cmd.channel, capacity=cmd.capacity,
-        )
-
-    def _recall_or_refuse(self, peer: Peer, cmd: wire.Send, now: float) -> list[Out]:
-        """A SEND found no room. If other senders hold reserved slots there, ask them to give
-        them back (RECALL) and answer once they have, so ChannelFull counts only messages;
-        otherwise refuse it as full."""
-        inbox = self.delivery.inboxes.get(cmd.channel)
-        holders = [p for p in self.delivery.peers.values()
-                   if p is not peer and p.reserved.get(cmd.channel)] if inbox is not None else []
-        waiting = self.recalling.get(cmd.channel)
-        if not holders and not waiting:
-            raise self._full(cmd)
-        self.recalling.setdefault(cmd.channel, []).append((peer.rid, cmd, now + RECALL_TIMEOUT))
-        recall = wire.pack({"ch": cmd.channel})
-        return [Out(holder.rid, [wire.RECALL, recall]) for holder in holders]
-
-    def _retry_recalled(self, name: str, now: float, final: bool) -> list[Out]:
-        """Try the SENDs waiting on ``name`` again, in order; answer those that fit, and the
-        rest with ``full`` once no recalled slots are left. ``final`` (their time is up): first
-        revoke the slots of the holders that did not answer, so a silent holder (a blocking
-        client between calls) does not make the channel look full."""
-        waiting = self.recalling.pop(name, [])
-        out: list[Out] = []
-        delivery = self.delivery
-        if final and name in delivery.inboxes:
-            senders = {rid for rid, _, _ in waiting}
-            for holder in delivery.peers.values():
-                if holder.rid not in senders and holder.reserved.get(name):
-                    self.stats["revoked"] += delivery.revoke(holder, name)
-        for index, (rid, cmd, deadline) in enumerate(waiting):
-            peer = delivery.peers.get(rid)
-            if peer is None:
-                continue
-            if delivery.enqueue(name, cmd.body, cmd.capacity, now + cmd.expiry, now):
-                self.stats["received"] += 1
-                out.append(Out(rid, wire.ok(cmd.id)))
-                out += delivery.kick(name, now)
-                continue
-            others = any(p is not peer and p.reserved.get(name) for p in delivery.peers.values())
-            if others and not final and deadline > now:
-                self.recalling[name] = waiting[index:]  # still waiting for a RECALL answer
-                break
-            out.append(Out(rid, wire.error(cmd.id, self._full(cmd))))
-        return out
 
     def _reserve(self, peer: Peer, cmd: wire.Reserve, now: float) -> list[Out]:
         self._check_settings(cmd.capacity)
@@ -454,95 +347,6 @@ class Router:
             self.delivery.release(peer, name, n)
             if name in self.recalling:
                 out += self._retry_recalled(name, now, final=False)
-        return out
-
-    def _group_send(self, peer: Peer, cmd: wire.GroupSend, now: float) -> list[Out]:
-        for capacity in (cmd.capacity, *(cap for _, cap in cmd.channel_capacity)):
-            self._check_settings(capacity, cmd.expiry)
-        self._check_body(cmd.body)
-        patterns = self._compile(cmd.channel_capacity)  # all of them before any member is served
-        self.stats["group_sends"] += 1
-        delivery = self.delivery
-        out: list[Out] = []
-        queued = skipped = 0
-        specific = False
-        for name in self.groups.members(cmd.group, now):
-            if owner_of(name) is not None:
-                specific = True
-                continue
-            capacity = next((cap for pattern, cap in patterns if pattern.match(name)), cmd.capacity)
-            if not self._memory_left(len(cmd.body)):
-                self.stats["memory_refused"] += 1
-                skipped += 1
-            elif delivery.enqueue(name, cmd.body, capacity, now + cmd.expiry, now):
-                queued += 1
-                out += delivery.kick(name, now)
-            else:
-                skipped += 1
-        self.stats["group_skipped"] += skipped
-        if specific:
-            seq = self.published[cmd.group] = self.published.get(cmd.group, 0) + 1
-            header = {"op": "msg", "ttl": int(cmd.expiry * 1000), "at": now + self.wall_offset,
-                      "cap": cmd.capacity, "seq": seq}
-            if cmd.channel_capacity:
-                header["ccap"] = [list(p) for p in cmd.channel_capacity]
-            out.append(Out(PUB, [group_topic(cmd.group), wire.pack(header), cmd.body]))
-        return [Out(peer.rid, wire.ok(cmd.id, queued=queued, full=skipped)), *out]
-
-    def _group_post(self, peer: Peer, cmd: wire.GroupPost, now: float) -> list[Out]:
-        try:
-            return self._group_send(peer, cmd, now)[1:]  # (all but the reply)
-        except ProtocolError as err:
-            return [Out(peer.rid, wire.error(None, err))]
-
-    def _marker(self, group: str, channel: str, now: float) -> Out:
-        """The ``add`` marker: proves a subscription is live and says how long membership
-        lasts (``ttl`` in ms, like every ttl on the wire)."""
-        ttl = max(1, int((self.groups.expires_at(group, channel) - now) * 1000))
-        header = {"op": "add", "ch": channel, "ttl": ttl, "seq": self.published.get(group, 0)}
-        return Out(PUB, [group_topic(group), wire.pack(header)])
-
-    def _group_add(self, peer: Peer, cmd: wire.GroupAdd, now: float) -> list[Out]:
-        if cmd.group_expiry > self.limits.max_group_expiry:
-            raise ProtocolError(
-                "limit",
-                f"group_expiry {cmd.group_expiry:g} s exceeds the broker's max-group-expiry"
-                f" {self.limits.max_group_expiry:g} s",
-                name="group_expiry", limit=self.limits.max_group_expiry,
-            )
-        self.groups.add(cmd.group, cmd.channel, now + cmd.group_expiry)
-        owner = owner_of(cmd.channel)
-        if owner is None:
-            return [Out(peer.rid, wire.ok(cmd.id))]
-        rid = self.delivery.by_client.get(owner)
-        if rid is None or rid == peer.rid:
-            # The caller owns the channel (it waits for the marker itself), or no owner is
-            # connected (it will subscribe when it comes).
-            return [Out(peer.rid, wire.ok(cmd.id)), self._marker(cmd.group, cmd.channel, now)]
-        # Another live client owns it: answer once that client's subscription is live, so that
-        # every group_send after this GADD returns reaches the channel.
-        key = (owner, cmd.group, cmd.channel)
-        self.joining.setdefault(key, []).append((peer.rid, cmd.id, now + JOIN_TIMEOUT))
-        join = {"g": cmd.group, "ch": cmd.channel, "gexp": cmd.group_expiry}
-        return [Out(rid, [wire.JOIN, wire.pack(join)])]
-
-    def _joined(self, peer: Peer, cmd: wire.Joined, now: float) -> list[Out]:
-        waiters = self.joining.pop((peer.client, cmd.group, cmd.channel), [])
-        return [Out(rid, wire.ok(request_id)) for rid, request_id, _ in waiters]
-
-    def _group_sync(self, peer: Peer, cmd: wire.GroupSync, now: float) -> list[Out]:
-        if not self.groups.is_member(cmd.group, cmd.channel, now):
-            raise ProtocolError(
-                "not-member", f"channel {cmd.channel!r} is not a member of group {cmd.group!r}",
-                name=cmd.channel,
-            )
-        return [Out(peer.rid, wire.ok(cmd.id)), self._marker(cmd.group, cmd.channel, now)]
-
-    def _group_discard(self, peer: Peer, cmd: wire.GroupDiscard, now: float) -> list[Out]:
-        out = [Out(peer.rid, wire.ok(cmd.id))]
-        if self.groups.discard(cmd.group, cmd.channel) and owner_of(cmd.channel) is not None:
-            header = wire.pack({"op": "discard", "ch": cmd.channel})
-            out.append(Out(PUB, [group_topic(cmd.group), header]))
         return out
 
     def _flush(self, peer: Peer, cmd: wire.Flush, now: float) -> list[Out]:
