@@ -12,10 +12,16 @@
     └── BrokerError               any other ERROR reply; `code` says which (docs/protocol.md)
 
 Each error carries its facts as fields (``channel``, ``capacity``, ``size``, ``limit``,
-``name``, ``code``) so callers need not parse messages.
+``name``, ``code``) so callers need not parse messages. ``from_reply`` builds the error for a
+broker's ERROR reply, ``bad_name`` the one for a name refused before it was sent.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.protocol.errors import ProtocolError
 
 
 class BusError(Exception):
@@ -92,3 +98,8 @@ def from_reply(header: dict) -> BusError:
     err = cls(message, **fields)
     err.code = code
     return err
+
+
+def bad_name(err: ProtocolError) -> InvalidName:
+    """The InvalidName for a name the protocol's rules refused (a ``bad-name`` ProtocolError)."""
+    return InvalidName(err.message, name=err.fields.get("name", ""))

@@ -14,7 +14,8 @@ from zmq.utils.monitor import parse_monitor_message
 from broker.protocol.names import CONTROL_TOPIC
 from broker.zio import recv_frames, send_frames
 
-from .core import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, ClientCore, FrontDoor, publisher_url
+from .core import ClientCore
+from .frontdoor import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, FrontDoor, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 
 DEFAULT_URL = "tcp://127.0.0.1:5555"
