@@ -38,6 +38,7 @@ from broker.protocol import wire
 from broker.protocol.notices import MAX_POST_BODIES
 from broker.protocol.errors import ProtocolError
 from broker.protocol.names import check_channel, owner_of
+from broker.protocol.patterns import compile_pattern
 
 from .errors import BusError, LimitExceeded, MessageTooLarge, bad_name
 from .inbound import Inbound
@@ -64,8 +65,12 @@ def compile_capacities(channel_capacity) -> tuple[tuple[re.Pattern, int], ...]:
     for pattern, capacity in dict(channel_capacity or {}).items():
         if isinstance(pattern, str):
             pattern = re.compile(fnmatch.translate(pattern))
-        elif not isinstance(pattern, re.Pattern):
-            raise TypeError(f"channel_capacity keys must be glob strings or compiled regexes, got {pattern!r}")
+        elif not isinstance(pattern, re.Pattern) or not isinstance(pattern.pattern, str):
+            raise TypeError(f"channel_capacity keys must be glob strings or compiled str regexes, got {pattern!r}")
+        try:  # the broker runs these on group sends: refuse here what it would refuse there
+            compile_pattern(pattern.pattern)
+        except ProtocolError as err:
+            raise ValueError(err.message) from None
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"channel_capacity values must be ints >= 1, got {capacity!r}")
         result.append((pattern, capacity))

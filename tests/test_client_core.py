@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgpack
 import pytest
 
@@ -226,3 +228,11 @@ def test_a_gap_in_a_groups_numbers_is_counted_as_lost_not_hidden():
 def test_a_receive_window_below_one_is_refused_when_the_client_is_made():
     with pytest.raises(ValueError, match="receive_window"):
         ClientCore(receive_window=0)
+
+
+def test_a_channel_capacity_regex_the_broker_would_refuse_is_refused_when_the_client_is_made():
+    with pytest.raises(ValueError, match="repetition inside a repetition"):
+        ClientCore(channel_capacity={re.compile(r"^(\w+\.)+send$"): 5})
+    with pytest.raises(ValueError, match=r"4 repetitions \(at most 3\)"):
+        ClientCore(channel_capacity={"a*b*c*d*": 5})  # a glob's stars are repetitions too
+    ClientCore(channel_capacity={"a*b*c*": 5, re.compile(r"^websocket\.send!.+"): 2})  # fine
