@@ -77,12 +77,12 @@ class AsyncClient(Link, FrontDoor):
         """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge.
 
         With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
-        await self.connect()
+        if not self._connected_here():
+            await self.connect()
         rid, frames = self._core.send(channel, message, time.monotonic())
         if rid is not None:
             await self._call(rid, frames)
             return
-        self._check_loop()
         self._schedule_drain()  # the POSTs of one loop iteration go as one message
         if self._core.refilling and self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._drain()  # take in grants now: a sender that never yields still gets them
@@ -94,7 +94,8 @@ class AsyncClient(Link, FrontDoor):
 
         Returns the broker's counts ``{"queued", "full"}``; with ``wait=False`` it returns None
         at once, without the round trip (the message is checked here as with a send)."""
-        await self.connect()
+        if not self._connected_here():
+            await self.connect()
         if not wait and self._online:
             _, frames = self._core.group_send(group, message, reply=False)
             self._flush_outgoing()
@@ -111,7 +112,8 @@ class AsyncClient(Link, FrontDoor):
         """The next message of ``channel``. Cancelling it loses and doubles nothing.
 
         Raises ReceiveTimeout when ``timeout`` seconds pass with no message."""
-        await self.connect()
+        if not self._connected_here():
+            await self.connect()
         core = self._core
         core.start_receiving(channel)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -198,6 +200,13 @@ class AsyncClient(Link, FrontDoor):
             self._teardown(BusError("the client was closed"), goodbye=True)
 
     # -- I/O ------------------------------------------------------------------------------
+
+    def _connected_here(self) -> bool:
+        """Connected, and called from this client's loop: then ``connect()`` has nothing to do,
+        and the per-message calls skip awaiting it (another loop still gets its RuntimeError)."""
+        connecting = self._connecting
+        return (connecting is not None and connecting.done()
+                and asyncio.get_running_loop() is self._loop)
 
     def _check_loop(self) -> None:
         if asyncio.get_running_loop() is not self._loop:

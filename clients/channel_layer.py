@@ -40,6 +40,9 @@ from .errors import ChannelFull as BusChannelFull
 from .errors import InvalidName
 
 
+VALID_NAMES_KEPT = 10_000  # channel names found valid, remembered so each send/receive is cheap
+
+
 class BusChannelLayer(BaseChannelLayer):
     extensions = ["groups", "flush"]
 
@@ -64,6 +67,7 @@ class BusChannelLayer(BaseChannelLayer):
         compile_capacities(self._wire_channel_capacity)  # a bad pattern or value fails here, not at first use
         self._clients: dict[asyncio.AbstractEventLoop, AsyncClient] = {}
         self._watched: weakref.WeakSet = weakref.WeakSet()  # loops whose close() is wrapped
+        self._valid_channels: set[str] = set()
 
     def _wire_capacities(self, channel_capacity) -> dict:
         """channel_capacity patterns rewritten to match names with the prefix in front."""
@@ -78,20 +82,33 @@ class BusChannelLayer(BaseChannelLayer):
             result[pattern] = capacity
         return result
 
+    def require_valid_channel_name(self, name, receive=False):
+        """The specification's check (TypeError), remembered for names that passed it: every
+        send and receive checks its channel, and a consumer uses the same few names."""
+        if not receive and type(name) is str and name in self._valid_channels:
+            return True
+        super().require_valid_channel_name(name, receive)
+        if not receive:
+            if len(self._valid_channels) >= VALID_NAMES_KEPT:
+                self._valid_channels.clear()
+            self._valid_channels.add(name)
+        return True
+
     # -- one client per loop --------------------------------------------------------------
 
     async def _client(self) -> AsyncClient:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
-        if client is None:
-            client = AsyncClient(
-                self.hosts[0], capacity=self.capacity, expiry=self.expiry,
-                group_expiry=self.group_expiry, channel_capacity=self._wire_channel_capacity,
-                timeout=self.timeout,
-            )
-            self._clients[loop] = client
-            if loop not in self._watched:
-                self._close_with(loop)
+        if client is not None:
+            return client  # (its own calls connect it, again if the first attempt failed)
+        client = AsyncClient(
+            self.hosts[0], capacity=self.capacity, expiry=self.expiry,
+            group_expiry=self.group_expiry, channel_capacity=self._wire_channel_capacity,
+            timeout=self.timeout,
+        )
+        self._clients[loop] = client
+        if loop not in self._watched:
+            self._close_with(loop)
         await client.connect()
         return client
 

@@ -234,12 +234,13 @@ class Inbound:
             return []
         deadline = self._deadline(header, header["ttl"], now, wall)
         patterns = header.get("ccap") or ()
+        default = header.get("cap", self.capacity)
         arrived = []
         for channel, until in list(members.items()):
             if until <= now:
                 self.groups.leave(group, channel)
                 continue
-            capacity = header.get("cap", self.capacity)
+            capacity = default
             for source, cap in patterns:
                 if re.match(source, channel):
                     capacity = cap
