@@ -341,6 +341,18 @@ def test_the_layer_uses_the_name_rules_of_channels(layer_factory):
     assert layer.require_valid_group_name("chat_42")
 
 
+def test_names_the_layer_remembers_as_valid_let_no_invalid_name_through():
+    layer = BusChannelLayer()  # (no connection is made until a call needs one)
+    for _ in range(2):  # the second time from what the layer remembers
+        assert layer.require_valid_channel_name("chat.1")
+        assert layer.require_valid_channel_name("specific.abc!def")
+    for bad in ("chat 1", "x" * 100, 7, ["chat.1"], "a!b!c"):
+        with pytest.raises(TypeError):
+            layer.require_valid_channel_name(bad)
+    with pytest.raises(TypeError, match="must end at the !"):  # receive's own rule still applies
+        layer.require_valid_channel_name("specific.abc!def", receive=True)
+
+
 # -- extensions and configuration ---------------------------------------------------------------
 
 def test_the_layer_declares_the_groups_and_flush_extensions(layer_factory):
