@@ -59,6 +59,19 @@ RELEASE_IDLE = 2.0
 RECEIVE_WINDOW = 64
 
 
+_FLAG_LETTERS = ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"), (re.VERBOSE, "x"), (re.ASCII, "a"))
+
+
+def wire_source(pattern: re.Pattern) -> str:
+    """The regex as the broker and other clients get it: only a source travels, so the flags
+    it was compiled with (and does not say inline) become a scoped group around it."""
+    inline = re.compile(pattern.pattern).flags
+    extra = "".join(letter for flag, letter in _FLAG_LETTERS if pattern.flags & flag and not inline & flag)
+    if not extra:
+        return pattern.pattern
+    return f"(?{extra}:{pattern.pattern}{chr(10) if 'x' in extra else ''})"  # (a newline ends an x-mode comment)
+
+
 def compile_capacities(channel_capacity) -> tuple[tuple[re.Pattern, int], ...]:
     """channels_redis style ``{pattern: capacity}``: a pattern is a glob str or a compiled regex."""
     result = []
@@ -68,9 +81,13 @@ def compile_capacities(channel_capacity) -> tuple[tuple[re.Pattern, int], ...]:
         elif not isinstance(pattern, re.Pattern) or not isinstance(pattern.pattern, str):
             raise TypeError(f"channel_capacity keys must be glob strings or compiled str regexes, got {pattern!r}")
         try:  # the broker runs these on group sends: refuse here what it would refuse there
-            compile_pattern(pattern.pattern)
+            compile_pattern(wire_source(pattern))
         except ProtocolError as err:
-            raise ValueError(err.message) from None
+            why = err.message
+            if "global flags not at the start" in why:  # (wire_source wrapped inline flags)
+                why = (f"channel_capacity regex {pattern.pattern!r}: give its flags either inline,"
+                       " as (?i) at the start, or as arguments to re.compile, not both")
+            raise ValueError(why) from None
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"channel_capacity values must be ints >= 1, got {capacity!r}")
         result.append((pattern, capacity))
@@ -286,7 +303,7 @@ class ClientCore(Inbound):
     def group_send(self, group: str, message: dict, reply: bool = True) -> tuple[int | None, list[bytes]]:
         """GSEND, or (``reply`` False) GPOST, which needs no round trip (``rid`` None)."""
         body = self._body(message)
-        patterns = tuple((p.pattern, c) for p, c in self.channel_capacity)
+        patterns = tuple((wire_source(p), c) for p, c in self.channel_capacity)
         fields = dict(group=group, capacity=self.capacity, expiry=self.expiry, channel_capacity=patterns, body=body)
         if reply:
             return self._build(wire.GroupSend, **fields)

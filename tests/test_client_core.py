@@ -236,3 +236,13 @@ def test_a_channel_capacity_regex_the_broker_would_refuse_is_refused_when_the_cl
     with pytest.raises(ValueError, match=r"4 repetitions \(at most 3\)"):
         ClientCore(channel_capacity={"a*b*c*d*": 5})  # a glob's stars are repetitions too
     ClientCore(channel_capacity={"a*b*c*": 5, re.compile(r"^websocket\.send!.+"): 2})  # fine
+
+
+def test_the_flags_of_a_compiled_channel_capacity_regex_travel_with_it():
+    c = ClientCore(channel_capacity={re.compile(r"^ws\.", re.IGNORECASE): 2, re.compile(r"(?s)^x.y"): 3})
+    _, frames = c.group_send("room", {"type": "m"})
+    ccap = msgpack.unpackb(frames[1], raw=False)["ccap"]
+    assert ccap == [["(?i:^ws\\.)", 2], ["(?s)^x.y", 3]]  # the broker sees what this client matches
+    assert re.match(ccap[0][0], "WS.send") and c.capacity_for("WS.send") == 2
+    with pytest.raises(ValueError, match="either inline"):
+        ClientCore(channel_capacity={re.compile(r"(?s)^ws", re.IGNORECASE): 2})
