@@ -40,6 +40,7 @@ from .errors import ChannelFull as BusChannelFull
 from .errors import InvalidName
 
 
+_LEADING_FLAGS = re.compile(r"\(\?[aiLmsux]+\)")  # a global flags group, which must come first
 VALID_NAMES_KEPT = 10_000  # channel names found valid, remembered so each send/receive is cheap
 
 
@@ -77,9 +78,15 @@ class BusChannelLayer(BaseChannelLayer):
         for pattern, capacity in channel_capacity.items():
             if isinstance(pattern, str):
                 pattern = re.compile(re.escape(self._pre) + fnmatch.translate(pattern))
-            else:
-                pattern = re.compile(re.escape(self._pre) + "(?:" + pattern.pattern.lstrip("^") + ")", pattern.flags)
-            result[pattern] = capacity
+            elif isinstance(pattern, re.Pattern) and isinstance(pattern.pattern, str):
+                # Its anchor goes (the prefix is the start now), and so do its leading inline
+                # flags, which pattern.flags holds anyway: inside the group they are an error.
+                source = pattern.pattern
+                while match := _LEADING_FLAGS.match(source):
+                    source = source[match.end():]
+                source = source[2:] if source.startswith("\\A") else source.lstrip("^")
+                pattern = re.compile(re.escape(self._pre) + "(?:" + source + ")", pattern.flags)
+            result[pattern] = capacity  # (anything else is refused by compile_capacities)
         return result
 
     def require_valid_channel_name(self, name, receive=False):

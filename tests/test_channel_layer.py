@@ -413,6 +413,16 @@ def test_a_prefix_keeps_two_projects_apart_on_one_broker(layer_factory, broker):
                            {"type": "hi", "project": "one"})
 
 
+def test_a_prefixed_layer_keeps_a_regexs_inline_flags_and_anchor():
+    layer = BusChannelLayer(prefix="proj", capacity=5, channel_capacity={
+        re.compile(r"(?i)^ws\."): 2, re.compile(r"\Ahttp", re.IGNORECASE): 3})
+    wire = {p.pattern: (p, c) for p, c in layer._wire_channel_capacity.items()}
+    (ws, ws_cap), (http, http_cap) = wire.values()
+    assert ws.match("proj.WS.x") and (ws_cap, http_cap) == (2, 3)
+    assert http.match("proj.HTTP.request") and not http.match("proj.x.http")
+    assert (layer.get_capacity("WS.x"), layer.get_capacity("Http.x"), layer.get_capacity("z")) == (2, 3, 5)
+
+
 def test_channel_capacity_patterns_match_the_name_without_the_prefix(layer_factory):
     layer = layer_factory(prefix="proj", capacity=5,
                           channel_capacity={"http.*": 1, re.compile(r"^ws\..+"): 2})
