@@ -125,3 +125,26 @@ def test_a_group_send_without_waiting_reaches_every_member_in_order(broker):
             return [(await member.receive(mine, timeout=5))["n"] for _ in range(50)]
 
     assert asyncio.run(main()) == list(range(50))
+
+
+@pytest.mark.timeout(30)
+def test_an_async_client_used_from_another_event_loop_says_so(broker):
+    client = AsyncClient(broker.url)
+
+    async def first():
+        await client.connect()
+        await client.send("q", {"type": "m"})
+
+    async def other():
+        for call in (client.send("q", {"type": "m"}), client.receive("q", timeout=1),
+                     client.group_send("g", {"type": "m"}, wait=False)):
+            with pytest.raises(RuntimeError, match="another event loop"):
+                await call
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(first())
+        asyncio.run(other())
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()
