@@ -13,7 +13,9 @@ capacity a sender asked for: that is what makes ``full`` exact even for pipeline
 - A process-specific channel's messages go straight to the connected peer whose client id the
   name carries; capacity alone bounds what it holds. With that peer absent they wait.
 - A sender may reserve slots (SEND ``want``, RESERVE) and then POST into them without waiting
-  for a reply; unused slots go back with RELEASE, or when the peer leaves.
+  for a reply; unused slots go back with RELEASE, or when the peer leaves, or are revoked when
+  it does not answer a RECALL in time (``revoke``; POSTs already on their way into them are
+  still taken until its RELEASE, so nothing is lost).
 - Expired messages are dropped, never delivered; pushes carry the time left in ms (``ttl``)
   and the broker's wall clock (``at``), so a client can discount time spent in its socket.
 - An inbox with nothing queued, in flight or reserved and no credit is deleted.
