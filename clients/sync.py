@@ -120,13 +120,24 @@ class Client(FrontDoor):
         else:
             self._flush_outgoing()
 
-    def group_send(self, group: str, message: dict) -> dict:
+    def group_send(self, group: str, message: dict, *, wait: bool = True) -> dict | None:
         """Send ``message`` to every member of ``group``; full members are skipped, never raised.
 
-        Returns the broker's counts for members with broker inboxes: ``{"queued": n, "full": n}``.
-        """
+        Returns the broker's counts for members with broker inboxes: ``{"queued": n, "full": n}``;
+        with ``wait=False`` it returns None at once, without the round trip (the message is
+        checked here as with a send)."""
+        if not wait:
+            self._catch_up()
+            if self._online and not self._closed:
+                _, frames = self._core.group_send(group, message, reply=False)
+                self._flush_outgoing()
+                try:
+                    send_frames(self._dealer, frames)
+                    return None
+                except zmq.Again:  # the link is down: send it as a request, which waits for it
+                    self._go_offline()
         reply = self._call(*self._core.group_send(group, message))
-        return {"queued": reply.get("queued", 0), "full": reply.get("full", 0)}
+        return None if not wait else {"queued": reply.get("queued", 0), "full": reply.get("full", 0)}
 
     def receive(self, channel: str, timeout: float | None = None) -> dict:
         """The next message of ``channel``; waits up to ``timeout`` seconds (forever if None).

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import bus_workers as w
-from clients import Client, ReceiveTimeout
+from clients import Client, InvalidName, ReceiveTimeout
 
 ROUNDS = 200
 
@@ -125,3 +125,17 @@ def test_expired_membership_stops_receiving(broker):
             member.receive(mine, timeout=0.3)
         with pytest.raises(ReceiveTimeout):
             member.receive("brief-inbox", timeout=0.2)
+
+
+@pytest.mark.timeout(30)
+def test_a_blocking_group_send_without_waiting_reaches_every_member_in_order(broker):
+    with Client(broker.url) as member, Client(broker.url) as sender:
+        mine = member.new_channel()
+        member.group_add("room", mine)
+        member.group_add("room", "inbox.room")
+        for n in range(50):
+            assert sender.group_send("room", {"type": "g", "n": n}, wait=False) is None
+        assert [member.receive(mine, timeout=5)["n"] for _ in range(50)] == list(range(50))
+        assert [member.receive("inbox.room", timeout=5)["n"] for _ in range(50)] == list(range(50))
+        with pytest.raises(InvalidName):  # checked here: no reply would carry the refusal
+            sender.group_send("bad group", {"type": "g"}, wait=False)
