@@ -63,6 +63,7 @@ class Peer:
 
 @dataclass
 class Inbox:
+    owner: str | None = None  # the client id of a process-specific channel (names.owner_of)
     queue: deque = field(default_factory=deque)
     inflight: int = 0
     reserved: int = 0
@@ -74,17 +75,6 @@ class Inbox:
 
 def _size(items) -> int:
     return sum(len(item[0]) for item in items) + ITEM_OVERHEAD * len(items)
-
-
-def _oldest(unacked: dict[str, deque], name: str, n: int) -> list:
-    """Remove and return up to ``n`` of the oldest unacknowledged items of ``name``."""
-    items = unacked.get(name)
-    if not items:
-        return []
-    taken = [items.popleft() for _ in range(min(n, len(items)))]
-    if not items:
-        del unacked[name]
-    return taken
 
 
 def _newest(unacked: dict[str, deque], name: str, n: int) -> None:
@@ -145,7 +135,7 @@ class Delivery:
     def inbox(self, name: str) -> Inbox:
         inbox = self.inboxes.get(name)
         if inbox is None:
-            inbox = self.inboxes[name] = Inbox()
+            inbox = self.inboxes[name] = Inbox(owner_of(name))
         return inbox
 
     def enqueue(self, name: str, body: bytes, capacity: int, expires_at: float, now: float) -> bool:
@@ -238,16 +228,24 @@ class Delivery:
         inbox = self.inbox(name)
         if peer.rid not in inbox.ready:
             inbox.ready.append(peer.rid)
-        return self.kick(name, now)
+        return self.kick(name, now) if inbox.queue else []  # (what comes later kicks itself)
 
     def ack(self, peer: Peer, name: str, n: int, now: float) -> list[Out]:
-        items = _oldest(peer.unacked, name, n)
-        n = len(items)
-        if not n:
+        """``peer`` consumed the ``n`` oldest messages it was pushed on ``name`` (fewer if it
+        holds fewer): forget them, and return the credit of a normal channel."""
+        items = peer.unacked.get(name)
+        if not items:
             return []
-        self.bytes_held -= _size(items)
-        self.inboxes[name].inflight -= n
-        if owner_of(name) is None:
+        n = min(n, len(items))
+        freed = ITEM_OVERHEAD * n
+        for _ in range(n):
+            freed += len(items.popleft()[0])
+        if not items:
+            del peer.unacked[name]
+        self.bytes_held -= freed
+        inbox = self.inboxes[name]
+        inbox.inflight -= n
+        if inbox.owner is None:
             return self.credit(peer, name, n, now)
         self.gc(name)
         return []
@@ -257,7 +255,7 @@ class Delivery:
     def pump(self, name: str, inbox: Inbox, now: float) -> list[Out]:
         """Push what ``name`` has queued to whoever may take it."""
         out: list[Out] = []
-        owner = owner_of(name)
+        owner = inbox.owner
         if owner is not None:
             rid = self.by_client.get(owner)
             if rid is not None and inbox.queue:
