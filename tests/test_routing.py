@@ -651,6 +651,22 @@ def test_a_post_without_a_reserved_slot_is_refused_and_not_queued(router, a):
     assert "q" not in router.inboxes
 
 
+def fill_around_as_slots(a, c) -> None:
+    """A reserves 2 of q's 5 slots (grant (5 - 0) // 2) and C queues 3: q is full, with room
+    only in A's slots."""
+    ok(a.reserve("q", 2, cap=5), b"A")
+    for n in range(3):
+        ok(c.send("q", n, cap=5), b"C")
+
+
+def revoke_as_slots(router, a, c) -> None:
+    """As fill_around_as_slots, then a SEND from C waits on A, which never answers the RECALL:
+    at the timeout A's slots are revoked and C's SEND takes one of them."""
+    fill_around_as_slots(a, c)
+    c.send("q", 9, cap=5, now=1.0)
+    ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")
+
+
 def test_reserved_slots_count_towards_capacity_until_recalled(router, a, c):
     ok(a.reserve("q", 2, cap=5), b"A")  # grant (5 - 0) // 2 = 2
     for n in range(3):
@@ -663,9 +679,7 @@ def test_reserved_slots_count_towards_capacity_until_recalled(router, a, c):
 
 
 def test_a_recalled_holder_that_posts_first_leaves_the_waiting_send_full(router, a, c):
-    ok(a.reserve("q", 2, cap=5), b"A")
-    for n in range(3):
-        ok(c.send("q", n, cap=5), b"C")
+    fill_around_as_slots(a, c)
     c.send("q", 8, cap=5)
     a.post("q", 4)
     a.post("q", 5)  # A used both slots before it read the RECALL
@@ -675,9 +689,7 @@ def test_a_recalled_holder_that_posts_first_leaves_the_waiting_send_full(router,
 
 
 def test_a_send_waiting_on_a_silent_holder_gets_its_revoked_slots_after_the_recall_timeout(router, a, c):
-    ok(a.reserve("q", 2, cap=5), b"A")
-    for n in range(3):
-        ok(c.send("q", n, cap=5), b"C")
+    fill_around_as_slots(a, c)
     c.send("q", 9, cap=5, now=1.0)
     assert replies(router.tick(1.0 + RECALL_TIMEOUT / 2), b"C") == []
     ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")  # A never answered: its two slots are revoked
@@ -701,11 +713,7 @@ def test_a_send_waiting_for_slots_still_in_use_after_revocation_is_refused_as_fu
 
 
 def test_a_post_already_on_its_way_into_revoked_slots_is_still_queued(router, a, c):
-    ok(a.reserve("q", 2, cap=5), b"A")
-    for n in range(3):
-        ok(c.send("q", n, cap=5), b"C")
-    c.send("q", 9, cap=5, now=1.0)
-    ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")
+    revoke_as_slots(router, a, c)
     for n in (4, 5):  # A had sent both before it read the RECALL
         assert replies(a.post("q", n), b"A") == []
     assert len(router.inboxes["q"].queue) == 6  # one above the capacity, but nothing lost
@@ -713,22 +721,14 @@ def test_a_post_already_on_its_way_into_revoked_slots_is_still_queued(router, a,
 
 
 def test_a_send_request_never_takes_a_revoked_slot(router, a, c):
-    ok(a.reserve("q", 2, cap=5), b"A")
-    for n in range(3):
-        ok(c.send("q", n, cap=5), b"C")
-    c.send("q", 9, cap=5, now=1.0)
-    ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")
+    revoke_as_slots(router, a, c)
     ok(c.send("q", 10, cap=5, now=2.0), b"C")
     error(a.send("q", 4, cap=5, now=2.0), b"A", "full")  # a request can be refused: no loss
     assert len(router.inboxes["q"].queue) == 5
 
 
 def test_a_late_answer_to_the_recall_ends_what_revoked_slots_still_take(router, a, c):
-    ok(a.reserve("q", 2, cap=5), b"A")
-    for n in range(3):
-        ok(c.send("q", n, cap=5), b"C")
-    c.send("q", 9, cap=5, now=1.0)
-    ok(router.tick(1.0 + RECALL_TIMEOUT), b"C")
+    revoke_as_slots(router, a, c)
     assert replies(a.post("q", 4), b"A") == []
     assert a.release(("q", 0)) == []  # A read the RECALL: it will not post there any more
     error(a.post("q", 5), b"A", "no-reservation")
@@ -736,9 +736,7 @@ def test_a_late_answer_to_the_recall_ends_what_revoked_slots_still_take(router, 
 
 
 def test_a_holder_that_leaves_frees_its_slots_for_the_waiting_send(router, a, c):
-    ok(a.reserve("q", 2, cap=5), b"A")
-    for n in range(3):
-        ok(c.send("q", n, cap=5), b"C")
+    fill_around_as_slots(a, c)
     c.send("q", 3, cap=5)
     ok(a.bye(), b"C")
 
