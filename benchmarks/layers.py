@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         services = Services(workdir, opts.profile, deadline, floor="floor" in opts.layers)
         log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
         log(f"redis-server pid {services.redis_pid} at {services.env['redis']};"
-            f" broker pid {services.broker_pid} at {services.env['bus']}")
+            f" broker pid {services.pids['broker']} at {services.env['bus']}")
         try:
             for scenario in opts.scenarios:
                 for rep in range(opts.repetitions):

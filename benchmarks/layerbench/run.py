@@ -122,21 +122,28 @@ def run_once(scenario: str, kind: str, rep: int, opts, sizes: dict, services: Se
         workers.append(w)
         return w
 
+    def stream(send: Worker, recvs: list[Worker], **probe) -> tuple[dict, list[dict]]:
+        """The throughput protocol, once the receivers are ready: probe until each receiver saw
+        one, then time the sender's stream from "go" to every receiver's "done"."""
+        send.expect("ready", deadline)
+        send.send("probe", **probe)
+        for w in recvs:
+            w.expect("probed", deadline)
+        mark()
+        send.send("go")
+        sent = send.expect("sent", deadline)
+        for w in recvs:
+            w.send("sender_done")
+        return sent, [w.expect("done", deadline) for w in recvs]
+
     try:
         if scenario == "p2p":
             n, channel = sizes["p2p"], f"bench.p2p.{tag}"
             recv = spawn("p2p_recv", "recv", channel=channel, n=n)
             send = spawn("p2p_send", "send", channel=channel, n=n)
             recv.expect("ready", deadline)
-            send.expect("ready", deadline)
-            send.send("probe")
-            recv.expect("probed", deadline)
-            mark()
-            send.send("go")
-            sent = send.expect("sent", deadline)
-            recv.send("sender_done")
-            got = recv.expect("done", deadline)
-            return with_cpu(_throughput(n, sent, [got], n), n, sent["cpu"], got["cpu"])
+            sent, got = stream(send, [recv])
+            return with_cpu(_throughput(n, sent, got, n), n, sent["cpu"], got[0]["cpu"])
         if scenario == "rtt":
             n = sizes["rtt"]
             pong = spawn("rtt_pong", "pong", ping=f"bench.ping.{tag}", pong=f"bench.pong.{tag}")
@@ -161,16 +168,7 @@ def run_once(scenario: str, kind: str, rep: int, opts, sizes: dict, services: Se
             send = spawn("fan_send", "send", group=group, sends=sends)
             for w in recvs:
                 w.expect("ready", deadline)
-            send.expect("ready", deadline)
-            send.send("probe")
-            for w in recvs:
-                w.expect("probed", deadline)
-            mark()
-            send.send("go")
-            sent = send.expect("sent", deadline)
-            for w in recvs:
-                w.send("sender_done")
-            got = [w.expect("done", deadline) for w in recvs]
+            sent, got = stream(send, recvs)
             return with_cpu(_throughput(procs * chans * sends, sent, got, sends), sends, sent["cpu"],
                             sum(g["cpu"] for g in got))
         if scenario == "many":
@@ -178,15 +176,8 @@ def run_once(scenario: str, kind: str, rep: int, opts, sizes: dict, services: Se
             recv = spawn("many_recv", "recv", channels=width, n=n)
             send = spawn("many_send", "send", n=n)
             channels = recv.expect("ready", deadline)["channels"]
-            send.expect("ready", deadline)
-            send.send("probe", channels=channels)
-            recv.expect("probed", deadline)
-            mark()
-            send.send("go")
-            sent = send.expect("sent", deadline)
-            recv.send("sender_done")
-            got = recv.expect("done", deadline)
-            return with_cpu(_throughput(n, sent, [got], n), n, sent["cpu"], got["cpu"])
+            sent, got = stream(send, [recv], channels=channels)
+            return with_cpu(_throughput(n, sent, got, n), n, sent["cpu"], got[0]["cpu"])
         raise ValueError(scenario)
     finally:
         for w in workers:

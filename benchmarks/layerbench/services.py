@@ -120,6 +120,7 @@ class Services:
     def __init__(self, workdir: str, profile_dir: str | None, deadline: float, floor: bool = False) -> None:
         self.procs: list[subprocess.Popen] = []
         self.env: dict = {}
+        self.pids: dict[str, int] = {}  # "broker", "floor": the processes that print "listening on"
         self.workdir = workdir
         try:
             self._start_redis(deadline)
@@ -153,48 +154,47 @@ class Services:
             stop_pid(proc, 0)
         raise RuntimeError(f"redis-server did not start; see {self.workdir}/redis-*.log")
 
+    def _start_listening(self, name: str, argv: list[str], cwd: str, deadline: float) -> re.Match:
+        """Start ``argv`` (its stderr to ``<name>.log``) and wait for its "listening on" line on
+        stdout; return the match."""
+        log = open(os.path.join(self.workdir, f"{name}.log"), "wb")
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        self.procs.append(proc)
+        line = read_line(proc.stdout, min(deadline, time.monotonic() + 30))
+        match = re.search(r"listening on ([^\s,]+)", line)
+        if not match:
+            raise RuntimeError(f"the {name} did not start (said {line!r}); see {self.workdir}/{name}.log")
+        self.pids[name] = proc.pid
+        return match
+
     def _start_broker(self, profile_dir: str | None, deadline: float) -> None:
         argv = [sys.executable]
         if profile_dir:
             argv += ["-m", "cProfile", "-o", os.path.join(profile_dir, "broker.prof")]
         argv += ["-m", "consumers.cli", "broker", "--bind", f"tcp://{HOST}:*", "--pub-bind", f"tcp://{HOST}:*",
                  "--log-level", "warning"]
-        log = open(os.path.join(self.workdir, "broker.log"), "wb")
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
-        self.procs.append(proc)
-        line = read_line(proc.stdout, min(deadline, time.monotonic() + 30))
-        match = re.search(r"listening on (\S+), publishing on (\S+)", line)
-        if not match:
-            raise RuntimeError(f"the broker did not start (said {line!r}); see {self.workdir}/broker.log")
-        self.broker_pid = proc.pid
+        match = self._start_listening("broker", argv, ROOT, deadline)
         self.env["bus"] = match.group(1)
 
     def _start_floor(self, deadline: float) -> None:
         """The floor's plain forwarder (floor.py), for ``--layers ...,floor``."""
-        proc = subprocess.Popen([sys.executable, "-m", "layerbench.floor", f"tcp://{HOST}:*"],
-                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.procs.append(proc)
-        line = read_line(proc.stdout, min(deadline, time.monotonic() + 30))
-        match = re.search(r"listening on (\S+)", line)
-        if not match:
-            raise RuntimeError(f"the floor forwarder did not start (said {line!r})")
-        self.floor_pid = proc.pid
+        argv = [sys.executable, "-m", "layerbench.floor", f"tcp://{HOST}:*"]
+        match = self._start_listening("floor", argv, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      deadline)
         self.env["floor"] = match.group(1)
 
     def check(self) -> None:
         """Raise RunFailed (with the end of its log) if the broker or redis-server has exited."""
         for proc in self.procs:
             if proc.poll() is not None:
-                name = {getattr(self, "broker_pid", None): "broker",
-                        getattr(self, "floor_pid", None): "floor forwarder"}.get(proc.pid, "redis-server")
+                name = {pid: name for name, pid in self.pids.items()}.get(proc.pid, "redis-server")
                 raise RunFailed(f"the {name} (pid {proc.pid}) exited with status {proc.returncode};"
                                 f" its log ends:\n{self.log_tail(name)}")
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         import glob
-        pattern = "broker.log" if name == "broker" else "redis-*.log"
+        pattern = f"{name}.log" if name in self.pids else "redis-*.log"
         text = ""
         for path in sorted(glob.glob(os.path.join(self.workdir, pattern))):
             with open(path, errors="replace") as handle:
@@ -205,8 +205,8 @@ class Services:
         """CPU seconds used so far by the broker and by redis-server (from /proc)."""
         tick = os.sysconf("SC_CLK_TCK")
         result = {}
-        for name, pid in (("bus", getattr(self, "broker_pid", None)), ("redis", getattr(self, "redis_pid", None)),
-                          ("floor", getattr(self, "floor_pid", None))):
+        for name, pid in (("bus", self.pids.get("broker")), ("redis", getattr(self, "redis_pid", None)),
+                          ("floor", self.pids.get("floor"))):
             try:
                 with open(f"/proc/{pid}/stat") as handle:
                     fields = handle.read().rsplit(")", 1)[1].split()
