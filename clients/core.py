@@ -112,6 +112,8 @@ class ClientCore(Inbound):
         self.expiry = float(expiry)
         self.group_expiry = float(group_expiry)
         self.channel_capacity = compile_capacities(channel_capacity)
+        # What GSEND/GPOST carry: computed once, not per group send.
+        self._wire_patterns = tuple((wire_source(p), c) for p, c in self.channel_capacity)
         self.receive_window = receive_window
         self.client_id = client_id or secrets.token_hex(6)
         self.limits: dict = {}
@@ -303,8 +305,8 @@ class ClientCore(Inbound):
     def group_send(self, group: str, message: dict, reply: bool = True) -> tuple[int | None, list[bytes]]:
         """GSEND, or (``reply`` False) GPOST, which needs no round trip (``rid`` None)."""
         body = self._body(message)
-        patterns = tuple((wire_source(p), c) for p, c in self.channel_capacity)
-        fields = dict(group=group, capacity=self.capacity, expiry=self.expiry, channel_capacity=patterns, body=body)
+        fields = dict(group=group, capacity=self.capacity, expiry=self.expiry,
+                      channel_capacity=self._wire_patterns, body=body)
         if reply:
             return self._build(wire.GroupSend, **fields)
         try:
