@@ -24,7 +24,7 @@ from broker.zio import recv_frames, send_frames
 from .core import ClientCore
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
 from .frontdoor import FrontDoor
-from .link import Expired, Link, expire
+from .link import Deadlines, Expired, Link
 from .sync import DEFAULT_URL
 
 DRAIN_BATCH = 512
@@ -45,6 +45,7 @@ class AsyncClient(Link, FrontDoor):
         self._core = ClientCore(**settings)
         self._context = context or zmq.Context.instance()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: Deadlines | None = None  # the timeouts of this client's waits
         self._pending: dict[int, asyncio.Future] = {}
         self._arrivals: dict[object, list[asyncio.Future]] = {}  # channel or marker key -> waiters
         self._drain_scheduled = False
@@ -236,7 +237,7 @@ class AsyncClient(Link, FrontDoor):
         self._last_sent = time.monotonic()
         future = self._pending[rid] = self._loop.create_future()
         self._schedule_drain()
-        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), expire, future)
+        self._deadlines.add(future, deadline)
         try:
             result = await future
         except Expired:
@@ -246,7 +247,7 @@ class AsyncClient(Link, FrontDoor):
                 endpoint=self.url, timeout=self.timeout,
             ) from None
         finally:
-            timer.cancel()
+            self._deadlines.discard(future)
             self._pending.pop(rid, None)
         if isinstance(result, BusError):
             raise result
@@ -335,17 +336,16 @@ class AsyncClient(Link, FrontDoor):
         future = self._loop.create_future()
         waiters = self._arrivals.setdefault(key, [])
         waiters.append(future)
-        timer = None
         if deadline is not None:
-            timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), expire, future)
+            self._deadlines.add(future, deadline)
         try:
             await future
             return True
         except Expired:
             return False
         finally:
-            if timer is not None:
-                timer.cancel()
+            if deadline is not None:
+                self._deadlines.discard(future)
             if future in waiters:
                 waiters.remove(future)
 

@@ -43,6 +43,59 @@ def expire(future: asyncio.Future) -> None:
         future.set_exception(Expired())
 
 
+class Deadlines:
+    """The timeouts of many waits on one loop timer, armed for the earliest of them.
+
+    A wait that ends before its deadline only leaves the table (no timer to cancel); the timer
+    is re-armed when it fires, or when a wait with an earlier deadline is added. Cheaper than a
+    ``call_later`` handle per wait, whose cancelled handles pile up in the loop's heap.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: dict[asyncio.Future, float] = {}  # future -> monotonic deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed = float("inf")  # the deadline the timer is set for
+
+    def add(self, future: asyncio.Future, deadline: float) -> None:
+        """Fail ``future`` with Expired once ``deadline`` (monotonic) passes, unless it is done."""
+        self._due[future] = deadline
+        if deadline < self._armed:
+            self._arm(deadline)
+
+    def discard(self, future: asyncio.Future) -> None:
+        self._due.pop(future, None)
+
+    def cancel(self) -> None:
+        """Stop the timer and forget every wait (they are failed by whoever calls this)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._armed = None, float("inf")
+        self._due.clear()
+
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed = deadline
+        delay = max(0.0, deadline - time.monotonic())
+        self._timer = self._loop.call_at(self._loop.time() + delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._armed = None, float("inf")
+        now = time.monotonic()
+        earliest = float("inf")
+        for future, deadline in list(self._due.items()):
+            if future.done():
+                del self._due[future]
+            elif deadline <= now:
+                del self._due[future]
+                future.set_exception(Expired())
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest != float("inf"):
+            self._arm(earliest)
+
+
 def _call_listener(listener, event: str) -> None:
     try:
         listener(event)
@@ -65,6 +118,7 @@ class Link:
         if self._closed:
             raise BusError("the client is closed")
         self._loop = asyncio.get_running_loop()
+        self._deadlines = Deadlines(self._loop)
         self._connecting = self._loop.create_future()
         try:
             await self._open()
@@ -136,6 +190,7 @@ class Link:
             if timer is not None:
                 timer.cancel()
         self._sync_timer = self._release_timer = self._beat_timer = None
+        self._deadlines.cancel()  # (the waits it times are failed below)
         self._online = False
         sockets = [sock for sock in (getattr(self, "_dealer", None), getattr(self, "_sub", None),
                                      getattr(self, "_monitor", None)) if sock]
@@ -185,7 +240,7 @@ class Link:
     async def _wait_for_link(self, deadline: float) -> None:
         waiter = self._loop.create_future()
         self._link_waiters.append(waiter)
-        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), expire, waiter)
+        self._deadlines.add(waiter, deadline)
         try:
             await waiter
         except Expired:
@@ -194,7 +249,7 @@ class Link:
                 endpoint=self.url, timeout=self.timeout,
             ) from None
         finally:
-            timer.cancel()
+            self._deadlines.discard(waiter)
             if waiter in self._link_waiters:
                 self._link_waiters.remove(waiter)
 

@@ -148,3 +148,41 @@ def test_an_async_client_used_from_another_event_loop_says_so(broker):
         loop.run_until_complete(client.close())
     finally:
         loop.close()
+
+
+@pytest.mark.timeout(30)
+def test_receive_timeouts_share_one_timer_and_each_fires_on_time(broker):
+    """Waits with different timeouts, not added in deadline order, each end at their own
+    deadline, never before it; one that got its message is not failed later. The client times
+    them all with one loop timer."""
+    async def main():
+        async with AsyncClient(broker.url) as receiver, AsyncClient(broker.url) as sender:
+            loop = asyncio.get_running_loop()
+
+            async def timed(channel: str, timeout: float):
+                start = loop.time()
+                try:
+                    return await receiver.receive(channel, timeout=timeout), loop.time() - start
+                except ReceiveTimeout:
+                    return "timeout", loop.time() - start
+
+            waits = {t: asyncio.create_task(timed(f"deadline.{i}", t))
+                     for i, t in enumerate((0.6, 0.2, 0.4))}
+            served = asyncio.create_task(timed("deadline.served", 0.3))
+            await settle()
+            live = [h for h in loop._scheduled if not h.cancelled()
+                    and getattr(h._callback, "__self__", None) is receiver._deadlines]
+            assert len(live) == 1  # four waits, one timer (set for the earliest, 0.2 s)
+            await sender.send("deadline.served", {"type": "now"})
+            assert (await served)[0] == {"type": "now"}
+            done = []
+            for timeout, task in sorted(waits.items()):
+                outcome, elapsed = await task
+                assert outcome == "timeout"
+                assert elapsed >= timeout, (timeout, elapsed)
+                done.append(timeout)
+            assert done == [0.2, 0.4, 0.6]
+            with pytest.raises(ReceiveTimeout):
+                await receiver.receive("deadline.again", timeout=0.05)
+
+    asyncio.run(main())
