@@ -3,16 +3,19 @@
 Usage::
 
     .venv/bin/python benchmarks/core.py [--messages N] [--rtt N] [--window W] [--timeout S]
-                                        [--json] [--profile DIR]
+                                        [--repeat N] [--no-floor] [--json] [--profile DIR]
 
-One invocation runs two set-ups with the same 64-byte payload (a msgpack map
+One invocation runs three set-ups with the same 64-byte payload (a msgpack map
 ``{"type": "bench", "seq": <8 bytes>, "pad": <bytes>}`` that serialises to exactly 64 bytes):
 
 (a) reference: a plain-Python forwarder process (ROUTER, ``ROUTER_MANDATORY``) that passes each
     message from the sender's DEALER to the receiver's DEALER by routing id, the receiver a
-    DEALER in a third process. Throughput: N messages, timed from the sender's first send to the
-    receiver's last receive. Round trip: ping-pong through the forwarder.
-(b) bus: a real broker (``python -m consumers.cli broker`` on 127.0.0.1 with ports ``*``) and an
+    DEALER in a third process, both blocking. Throughput: N messages, timed from the sender's
+    first send to the receiver's last receive. Round trip: ping-pong through the forwarder.
+(b) asyncio floor: the same forwarder and the same DEALERs, read from an asyncio loop through
+    their FDs with nothing else (``corebench.reference.AsyncDealer``): what an asyncio client
+    costs on this hop before it does any work of the bus's. Skip it with ``--no-floor``.
+(c) bus: a real broker (``python -m consumers.cli broker`` on 127.0.0.1 with ports ``*``) and an
     ``AsyncClient`` in each of two processes. Throughput: N ``send`` calls to a normal channel of
     capacity ``--capacity`` from ``--window`` concurrent send loops (default 1: an awaiting
     sender, which the client pipelines with reserved slots; ``ChannelFull`` is retried with
@@ -20,7 +23,8 @@ One invocation runs two set-ups with the same 64-byte payload (a msgpack map
     Round trip: ping-pong over two normal channels.
 
 The table also shows the CPU time (user + system, all threads, from /proc) each process spent per
-message during the throughput phase: on a busy host it is steadier than the rates.
+message during the throughput phase and per round trip during the latency phase: on a busy host
+they are steadier than the rates. The code each process runs is in ``corebench/``.
 
 Every child is a subprocess of this one (``sys.executable`` running this file with ``--role``
 or the broker CLI); each is stopped by its PID (SIGTERM, then SIGKILL) when it does not exit on
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import queue
 import re
@@ -45,329 +48,22 @@ import threading
 import time
 
 HERE = os.path.abspath(__file__)
-ROOT = os.path.dirname(os.path.dirname(HERE))
-PAYLOAD_SIZE = 64
-HOST = "127.0.0.1"
-REF_SENDER, REF_RECEIVER = b"send", b"recv"
-TP_CHANNEL, PING_CHANNEL, PONG_CHANNEL = "bench.tp", "bench.ping", "bench.pong"
-RECV_POLL_MS = 200  # receive timeout of one blocking step; every loop also checks its deadline
+BENCHMARKS = os.path.dirname(HERE)
+ROOT = os.path.dirname(BENCHMARKS)
+# The package beside this file and the checkout's own broker and clients, importable both when
+# run as a script and through ``channelbus bench`` (runpy); the children run this file again.
+for _path in (ROOT, BENCHMARKS):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-
-# -- payload ----------------------------------------------------------------------------------
-
-def make_message(seq: int) -> dict:
-    """The benchmark message; serialised with msgpack it is exactly PAYLOAD_SIZE bytes."""
-    return {"type": "bench", "seq": seq.to_bytes(8, "big"), "pad": b"p" * 32}
-
-
-def payload_template() -> tuple[bytearray, int]:
-    """The serialised message as a bytearray and the offset of its 8 sequence bytes."""
-    import msgpack
-
-    body = msgpack.packb(make_message(0), use_bin_type=True)
-    assert len(body) == PAYLOAD_SIZE, len(body)
-    offset = msgpack.packb({"type": "bench", "seq": b""}, use_bin_type=True).__len__()
-    assert body[offset:offset + 8] == bytes(8)
-    return bytearray(body), offset
-
-
-# -- child side -------------------------------------------------------------------------------
-
-def emit(**fields) -> None:
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
-
-
-def wait_word(word: str) -> None:
-    """Block until the parent writes ``word`` on our stdin (EOF means the parent is gone)."""
-    while True:
-        line = sys.stdin.readline()
-        if not line:
-            raise SystemExit(3)
-        if line.strip() == word:
-            return
-
-
-def percentiles(samples: list[float]) -> dict:
-    if not samples:
-        return {"n": 0, "p50": None, "p99": None}
-    ordered = sorted(samples)
-
-    def rank(p: float) -> float:
-        return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
-
-    return {"n": len(ordered), "p50": rank(0.50), "p99": rank(0.99)}
-
-
-def role_forwarder(args) -> None:
-    """Reference forwarder: [dest, payload] from src becomes [src, payload] to dest."""
-    import zmq
-
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    router.setsockopt(zmq.RCVTIMEO, RECV_POLL_MS)
-    router.setsockopt(zmq.SNDTIMEO, 5000)
-    router.bind(f"tcp://{HOST}:*")
-    emit(endpoint=router.getsockopt_string(zmq.LAST_ENDPOINT))
-    deadline = time.monotonic() + args.timeout
-    recv, send, again = router.recv_multipart, router.send_multipart, zmq.Again
-    while not stop and time.monotonic() < deadline:
-        try:
-            src, dest, *rest = recv()
-        except again:
-            continue
-        except ValueError:
-            continue
-        try:
-            if dest == b"":  # registration: answer the sender itself
-                send([src, b"", b"ok"])
-            else:
-                send([dest, src, *rest])
-        except zmq.ZMQError:  # unknown or vanished destination, or its queue stuck for 5 s
-            pass
-    router.close(0)
-    ctx.term()
-
-
-def _ref_dealer(endpoint: str, identity: bytes):
-    import zmq
-
-    ctx = zmq.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.ROUTING_ID, identity)
-    dealer.setsockopt(zmq.RCVTIMEO, RECV_POLL_MS)
-    dealer.setsockopt(zmq.SNDTIMEO, 5000)
-    dealer.connect(endpoint)
-    deadline = time.monotonic() + 10
-    dealer.send_multipart([b"", b"hi"])  # registers our routing id with the forwarder
-    while True:
-        try:
-            dealer.recv_multipart()
-            return ctx, dealer
-        except zmq.Again:
-            if time.monotonic() > deadline:
-                raise SystemExit("forwarder did not answer")
-
-
-def role_ref_receiver(args) -> None:
-    import zmq
-
-    ctx, dealer = _ref_dealer(args.endpoint, REF_RECEIVER)
-    _, offset = payload_template()
-    emit(ready=True)
-    deadline = time.monotonic() + args.timeout
-    count = disorder = expected = 0
-    recv = dealer.recv_multipart
-    while count < args.messages and time.monotonic() < deadline:
-        try:
-            frames = recv()
-        except zmq.Again:
-            continue
-        seq = int.from_bytes(frames[1][offset:offset + 8], "big")
-        if seq != expected:
-            disorder += 1
-        expected = seq + 1
-        count += 1
-    emit(received=count, t_end=time.monotonic(), disorder=disorder)
-    total = args.rtt + args.warmup
-    answered = 0
-    while answered < total and time.monotonic() < deadline:
-        try:
-            src, body = recv()
-        except zmq.Again:
-            continue
-        dealer.send_multipart([src, body])
-        answered += 1
-    emit(answered=answered)
-    dealer.close(0)
-    ctx.term()
-
-
-def role_ref_sender(args) -> None:
-    import zmq
-
-    ctx, dealer = _ref_dealer(args.endpoint, REF_SENDER)
-    buf, offset = payload_template()
-    emit(ready=True)
-    wait_word("go")
-    deadline = time.monotonic() + args.timeout
-    send = dealer.send_multipart
-    t0 = time.monotonic()
-    sent = 0
-    try:
-        for seq in range(args.messages):
-            buf[offset:offset + 8] = seq.to_bytes(8, "big")
-            send([REF_RECEIVER, bytes(buf)])
-            sent += 1
-            if not seq % 1024 and time.monotonic() > deadline:
-                break
-    except zmq.Again:
-        pass
-    emit(t0=t0, sent=sent, t_sent=time.monotonic())
-    wait_word("go")
-    samples = []
-    clock = time.perf_counter
-    for seq in range(args.rtt + args.warmup):
-        if time.monotonic() > deadline:
-            break
-        buf[offset:offset + 8] = seq.to_bytes(8, "big")
-        start = clock()
-        send([REF_RECEIVER, bytes(buf)])
-        try:
-            dealer.recv_multipart()
-        except zmq.Again:
-            break
-        if seq >= args.warmup:
-            samples.append(clock() - start)
-    emit(rtt=percentiles(samples))
-    dealer.close(0)
-    ctx.term()
-
-
-async def _bus_client(args):
-    from clients import AsyncClient, ReceiveTimeout
-
-    client = AsyncClient(args.endpoint, capacity=args.capacity, expiry=60, timeout=10)
-    await client.connect()
-    return client, ReceiveTimeout
-
-
-async def _grant(client, ReceiveTimeout, channel: str) -> None:
-    """Start receiving ``channel`` (the client grants credit) and make sure the broker has it."""
-    try:
-        await client.receive(channel, timeout=0.001)
-    except ReceiveTimeout:
-        pass
-    await client.ping()
-
-
-async def _bus_receiver(args) -> None:
-    client, ReceiveTimeout = await _bus_client(args)
-    try:
-        await _grant(client, ReceiveTimeout, TP_CHANNEL)
-        await _grant(client, ReceiveTimeout, PING_CHANNEL)
-        emit(ready=True)
-        deadline = time.monotonic() + args.timeout
-        count = disorder = expected = 0
-        while count < args.messages and time.monotonic() < deadline:
-            try:
-                message = await client.receive(TP_CHANNEL, timeout=RECV_POLL_MS / 1000)
-            except ReceiveTimeout:
-                continue
-            seq = int.from_bytes(message["seq"], "big")
-            if seq != expected:
-                disorder += 1
-            expected = seq + 1
-            count += 1
-        emit(received=count, t_end=time.monotonic(), disorder=disorder)
-        total = args.rtt + args.warmup
-        answered = 0
-        while answered < total and time.monotonic() < deadline:
-            try:
-                message = await client.receive(PING_CHANNEL, timeout=RECV_POLL_MS / 1000)
-            except ReceiveTimeout:
-                continue
-            await client.send(PONG_CHANNEL, message)
-            answered += 1
-        emit(answered=answered)
-    finally:
-        await client.close()
-
-
-async def _bus_sender(args) -> None:
-    import asyncio
-
-    from clients import ChannelFull
-
-    client, ReceiveTimeout = await _bus_client(args)
-    try:
-        await _grant(client, ReceiveTimeout, PONG_CHANNEL)
-        emit(ready=True)
-        wait_word("go")  # blocks the loop on purpose: nothing is in flight yet
-        deadline = time.monotonic() + args.timeout
-        state = {"next": 0, "sent": 0, "retries": 0, "retrying": 0}
-        gate = asyncio.Event()  # cleared while a ChannelFull is being retried: no new sends start
-        gate.set()
-
-        async def worker() -> None:
-            while time.monotonic() < deadline:
-                if not gate.is_set():
-                    try:
-                        await asyncio.wait_for(gate.wait(), max(0.001, deadline - time.monotonic()))
-                    except asyncio.TimeoutError:
-                        return
-                    continue
-                seq = state["next"]
-                if seq >= args.messages:
-                    return
-                state["next"] = seq + 1
-                message = make_message(seq)
-                pause, retrying = 0.001, False
-                while True:
-                    try:
-                        await client.send(TP_CHANNEL, message)  # written to the socket in seq order
-                        break
-                    except ChannelFull:
-                        # Retry the same message with backoff and hold back later ones, so order
-                        # survives (sends already in flight can still overtake it: the receiver
-                        # counts that as disorder) and retries do not flood the broker.
-                        state["retries"] += 1
-                        if not retrying:
-                            retrying = True
-                            state["retrying"] += 1
-                            gate.clear()
-                        if time.monotonic() > deadline:
-                            return
-                        await asyncio.sleep(pause)
-                        pause = min(0.05, pause * 2)
-                if retrying:
-                    state["retrying"] -= 1
-                    if not state["retrying"]:
-                        gate.set()
-                state["sent"] += 1
-
-        t0 = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(max(1, args.window))))
-        emit(t0=t0, sent=state["sent"], retries=state["retries"], t_sent=time.monotonic())
-        wait_word("go")
-        samples = []
-        clock = time.perf_counter
-        for seq in range(args.rtt + args.warmup):
-            if time.monotonic() > deadline:
-                break
-            start = clock()
-            await client.send(PING_CHANNEL, make_message(seq))
-            try:
-                await client.receive(PONG_CHANNEL, timeout=5)
-            except ReceiveTimeout:
-                break
-            if seq >= args.warmup:
-                samples.append(clock() - start)
-        emit(rtt=percentiles(samples))
-    finally:
-        await client.close()
-
-
-def role_bus_receiver(args) -> None:
-    import asyncio
-
-    asyncio.run(_bus_receiver(args))
-
-
-def role_bus_sender(args) -> None:
-    import asyncio
-
-    asyncio.run(_bus_sender(args))
-
+from corebench import bus, reference  # noqa: E402
+from corebench.common import HOST, PAYLOAD_SIZE  # noqa: E402
 
 ROLES = {
-    "forwarder": role_forwarder, "ref-receiver": role_ref_receiver, "ref-sender": role_ref_sender,
-    "bus-receiver": role_bus_receiver, "bus-sender": role_bus_sender,
+    "forwarder": reference.role_forwarder, "ref-receiver": reference.role_ref_receiver,
+    "ref-sender": reference.role_ref_sender, "floor-receiver": reference.role_floor_receiver,
+    "floor-sender": reference.role_floor_sender, "bus-receiver": bus.role_bus_receiver,
+    "bus-sender": bus.role_bus_sender,
 }
 
 
@@ -464,6 +160,15 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _cpu_per(roles: dict, before: dict, units: int) -> dict:
+    """CPU µs each process spent per unit since ``before`` (None where /proc is not there)."""
+    out = {}
+    for role, child in roles.items():
+        now = cpu_seconds(child.proc.pid)
+        out[role] = None if now is None or before[role] is None else (now - before[role]) * 1e6 / max(1, units)
+    return out
+
+
 def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list, env: dict) -> dict:
     receiver = Child(f"{prefix}-receiver", _role_argv(f"{prefix}-receiver", endpoint, opts), opts.profile, env)
     children.append(receiver)
@@ -473,19 +178,17 @@ def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list,
     sender.expect(deadline, "ready")
     middle = children[0]  # the forwarder or the broker
     roles = {"sender": sender, "middle": middle, "receiver": receiver}
+    # CPU time per message and per round trip: steadier than the rates on a busy host.
     before = {role: cpu_seconds(child.proc.pid) for role, child in roles.items()}
     sender.tell("go")
     sent = sender.expect(deadline, "t0")
     got = receiver.expect(deadline, "received")
-    after = {role: cpu_seconds(child.proc.pid) for role, child in roles.items()}
-    cpu_us = {  # CPU time per message during the throughput phase: robust on a busy host
-        role: (after[role] - before[role]) * 1e6 / max(1, got["received"])
-        if before[role] is not None and after[role] is not None else None
-        for role in roles
-    }
+    cpu_msg = _cpu_per(roles, before, got["received"])
+    before = {role: cpu_seconds(child.proc.pid) for role, child in roles.items()}
     sender.tell("go")
     rtt = sender.expect(deadline, "rtt")["rtt"]
     receiver.expect(deadline, "answered")
+    cpu_rt = _cpu_per(roles, before, opts.rtt + opts.warmup)
     elapsed = got["t_end"] - sent["t0"]
     complete = got["received"] == opts.messages
     return {
@@ -493,7 +196,7 @@ def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list,
         "msgs_per_s": got["received"] / elapsed if elapsed > 0 and complete else None,
         "in_order": got["disorder"] == 0, "disorder": got["disorder"], "retries": sent.get("retries", 0),
         "rtt_n": rtt["n"], "p50_us": _us(rtt["p50"]), "p99_us": _us(rtt["p99"]),
-        "cpu_us_per_msg": cpu_us,
+        "cpu_us_per_msg": cpu_msg, "cpu_us_per_rt": cpu_rt,
     }
 
 
@@ -504,17 +207,26 @@ def _us(seconds):
 BROKER_LINE = re.compile(r"channelbus broker listening on (\S+), publishing on (\S+)")
 
 
-def run_reference(opts, deadline: float, env: dict) -> dict:
+def _run_forwarded(prefix: str, opts, deadline: float, env: dict) -> dict:
+    """The reference forwarder with the ``prefix`` clients (ref: blocking, floor: asyncio)."""
     children: list[Child] = []
     try:
         forwarder = Child("forwarder", [HERE, "--role", "forwarder", "--timeout", str(opts.timeout)],
                           opts.profile, env)
         children.append(forwarder)
         endpoint = forwarder.expect(deadline, "endpoint")["endpoint"]
-        return _run_pair("ref", endpoint, opts, deadline, children, env)
+        return _run_pair(prefix, endpoint, opts, deadline, children, env)
     finally:
         for child in reversed(children):
             child.stop(grace=0.0 if child.name == "forwarder" else 5.0)
+
+
+def run_reference(opts, deadline: float, env: dict) -> dict:
+    return _run_forwarded("ref", opts, deadline, env)
+
+
+def run_floor(opts, deadline: float, env: dict) -> dict:
+    return _run_forwarded("floor", opts, deadline, env)
 
 
 def run_bus(opts, deadline: float, env: dict) -> dict:
@@ -540,33 +252,51 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def report(ref: dict, bus: dict, opts) -> str:
+SETUPS = (  # (key, row label, runner), in the order they run and are shown
+    ("reference", "reference (pyzmq forwarder)", run_reference),
+    ("floor", "asyncio floor (same, asyncio)", run_floor),
+    ("bus", "bus (AsyncClient + broker)", run_bus),
+)
+
+
+def report(results: dict, opts) -> str:
+    """The table: throughput and round trip per set-up, CPU per message and per round trip,
+    and the ratios the issue's targets are about."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = [
         f"channelbus core benchmark: {opts.messages} messages, {opts.rtt} round trips,"
         f" {PAYLOAD_SIZE}-byte payload, bus window {opts.window}, capacity {opts.capacity}"
         + (f", median of {opts.repeat} runs" if opts.repeat > 1 else "")
         + (f"; {os.cpu_count()} CPUs, load {load:.1f}" if load is not None else ""),
-        f"{'':28}{'msgs/s':>10}{'p50 us':>9}{'p99 us':>9}   CPU us/msg: {'send':>6}{'middle':>8}{'recv':>6}  notes",
+        f"{'':30}{'msgs/s':>9}{'p50 us':>8}{'p99 us':>8}  CPU us/msg send/mid/recv"
+        "  CPU us/rt send/mid/recv  notes",
     ]
-    for name, r in (("reference (pyzmq forwarder)", ref), ("bus (AsyncClient + broker)", bus)):
+    for key, name, _ in SETUPS:
+        r = results.get(key)
+        if r is None:
+            continue
         notes = [] if r["in_order"] else [f"OUT OF ORDER ({r['disorder']} jumps)"]
         if r["messages"] != opts.messages:
             notes.append(f"only {r['messages']} received")
         if r.get("retries"):
             notes.append(f"{r['retries']} ChannelFull retries")
-        cpu = r.get("cpu_us_per_msg") or {}
+        cpu = [_fmt((r.get(per) or {}).get(role), spec) for per, spec in
+               (("cpu_us_per_msg", ".1f"), ("cpu_us_per_rt", ".0f")) for role in ("sender", "middle", "receiver")]
         rows.append(
-            f"{name:28}{_fmt(r['msgs_per_s'], ',.0f'):>10}{_fmt(r['p50_us'], '.0f'):>9}"
-            f"{_fmt(r['p99_us'], '.0f'):>9}   {'':12}{_fmt(cpu.get('sender'), '.1f'):>6}"
-            f"{_fmt(cpu.get('middle'), '.1f'):>8}{_fmt(cpu.get('receiver'), '.1f'):>6}  {', '.join(notes)}"
+            f"{name:30}{_fmt(r['msgs_per_s'], ',.0f'):>9}{_fmt(r['p50_us'], '.0f'):>8}"
+            f"{_fmt(r['p99_us'], '.0f'):>8}  {'/'.join(cpu[:3]):>24}  {'/'.join(cpu[3:]):>23}  {', '.join(notes)}"
         )
-    tp = _ratio(bus["msgs_per_s"], ref["msgs_per_s"])
-    lat = _ratio(bus["p50_us"], ref["p50_us"])
+    ref, floor, bus = (results.get(key) for key, _, _ in SETUPS)
     rows.append(
-        f"{'bus / reference':28}{_fmt(tp, '.1%'):>10}{_fmt(lat, '.2f') + 'x':>9}"
-        "            (throughput share; p50 multiple)"
+        f"{'bus / reference':30}{_fmt(_ratio(bus['msgs_per_s'], ref['msgs_per_s']), '.1%'):>9}"
+        f"{_fmt(_ratio(bus['p50_us'], ref['p50_us']), '.2f') + 'x':>8}"
+        "          (throughput share, target >= 40%; p50 multiple, target <= 2x)"
     )
+    if floor is not None:
+        rows.append(
+            f"{'asyncio floor / reference':30}{'':9}{_fmt(_ratio(floor['p50_us'], ref['p50_us']), '.2f') + 'x':>8}"
+            "          (what an asyncio client costs on this hop before any bus work)"
+        )
     return "\n".join(rows)
 
 
@@ -579,6 +309,8 @@ def parse(argv):
     parser.add_argument("--capacity", type=int, default=10000, help="bus channel capacity (default 10000)")
     parser.add_argument("--timeout", type=float, default=120.0, help="overall limit in seconds (default 120)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each set-up; medians are shown (default 1)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the asyncio floor (the reference forwarder with bare asyncio clients)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--profile", metavar="DIR", help="run each process under cProfile into DIR")
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
@@ -595,8 +327,6 @@ def parse(argv):
 def main(argv=None) -> int:
     opts = parse(sys.argv[1:] if argv is None else list(argv))
     if opts.role:
-        if ROOT not in sys.path:
-            sys.path.insert(0, ROOT)
         ROLES[opts.role](opts)
         return 0
     if opts.profile:
@@ -604,19 +334,20 @@ def main(argv=None) -> int:
         os.makedirs(opts.profile, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     deadline = time.monotonic() + opts.timeout
-    refs, buses = [], []
+    setups = [setup for setup in SETUPS if opts.floor or setup[0] != "floor"]
+    runs: dict[str, list[dict]] = {key: [] for key, _, _ in setups}
     try:
-        for _ in range(opts.repeat):  # alternate, so a noisy neighbour hits both alike
-            refs.append(run_reference(opts, deadline, env))
-            buses.append(run_bus(opts, deadline, env))
+        for _ in range(opts.repeat):  # alternate, so a noisy neighbour hits every set-up alike
+            for key, _, runner in setups:
+                runs[key].append(runner(opts, deadline, env))
     except TimeoutError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
-    ref, bus = combine(refs), combine(buses)
-    print(report(ref, bus, opts))
+    results = {key: combine(found) for key, found in runs.items()}
+    print(report(results, opts))
     if opts.json:
-        print(json.dumps({"reference": ref, "bus": bus, "runs": {"reference": refs, "bus": buses}}, indent=2))
-    complete = all(r["messages"] == opts.messages and r["in_order"] for r in (*refs, *buses))
+        print(json.dumps({**results, "runs": runs}, indent=2))
+    complete = all(r["messages"] == opts.messages and r["in_order"] for found in runs.values() for r in found)
     return 0 if complete else 1
 
 
@@ -632,9 +363,8 @@ def combine(runs: list[dict]) -> dict:
         "in_order": all(r["in_order"] for r in runs), "disorder": sum(r["disorder"] for r in runs),
         "retries": sum(r["retries"] for r in runs),
         "rtt_n": min(r["rtt_n"] for r in runs), "p50_us": median("p50_us"), "p99_us": median("p99_us"),
-        "cpu_us_per_msg": {
-            role: _median([r["cpu_us_per_msg"][role] for r in runs]) for role in ("sender", "middle", "receiver")
-        },
+        **{per: {role: _median([r[per][role] for r in runs]) for role in ("sender", "middle", "receiver")}
+           for per in ("cpu_us_per_msg", "cpu_us_per_rt")},
     }
 
 

@@ -1,0 +1,55 @@
+"""What every role of the core benchmark shares: names, the payload, talking to the parent."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+PAYLOAD_SIZE = 64
+HOST = "127.0.0.1"
+REF_SENDER, REF_RECEIVER = b"send", b"recv"
+TP_CHANNEL, PING_CHANNEL, PONG_CHANNEL = "bench.tp", "bench.ping", "bench.pong"
+RECV_POLL_MS = 200  # receive timeout of one blocking step; every loop also checks its deadline
+
+
+def make_message(seq: int) -> dict:
+    """The benchmark message; serialised with msgpack it is exactly PAYLOAD_SIZE bytes."""
+    return {"type": "bench", "seq": seq.to_bytes(8, "big"), "pad": b"p" * 32}
+
+
+def payload_template() -> tuple[bytearray, int]:
+    """The serialised message as a bytearray and the offset of its 8 sequence bytes."""
+    import msgpack
+
+    body = msgpack.packb(make_message(0), use_bin_type=True)
+    assert len(body) == PAYLOAD_SIZE, len(body)
+    offset = msgpack.packb({"type": "bench", "seq": b""}, use_bin_type=True).__len__()
+    assert body[offset:offset + 8] == bytes(8)
+    return bytearray(body), offset
+
+
+def emit(**fields) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def wait_word(word: str) -> None:
+    """Block until the parent writes ``word`` on our stdin (EOF means the parent is gone)."""
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            raise SystemExit(3)
+        if line.strip() == word:
+            return
+
+
+def percentiles(samples: list[float]) -> dict:
+    if not samples:
+        return {"n": 0, "p50": None, "p99": None}
+    ordered = sorted(samples)
+
+    def rank(p: float) -> float:
+        return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
+
+    return {"n": len(ordered), "p50": rank(0.50), "p99": rank(0.99)}
