@@ -102,7 +102,7 @@ class AsyncClient(Link, FrontDoor):
             self._flush_outgoing()
             try:
                 send_frames(self._dealer, frames)
-                self._last_sent = time.monotonic()
+                self._after_send()
                 return None
             except zmq.Again:  # the link is down: send it as a request, which waits for the link
                 self._go_offline("the connection to the broker was lost")
@@ -234,9 +234,8 @@ class AsyncClient(Link, FrontDoor):
                     raise BrokerUnavailable(f"lost the connection to {self.url}", endpoint=self.url,
                                             timeout=self.timeout) from None
                 self._go_offline("the connection to the broker was lost")
-        self._last_sent = time.monotonic()
+        self._after_send()
         future = self._pending[rid] = self._loop.create_future()
-        self._schedule_drain()
         self._deadlines.add(future, deadline)
         try:
             result = await future
@@ -265,8 +264,15 @@ class AsyncClient(Link, FrontDoor):
                 log.warning("%d posted message(s) were lost: the connection to %s dropped", lost, self.url)
                 self._go_offline("the connection to the broker was lost")
                 return
+        self._after_send()
+
+    def _after_send(self) -> None:
+        """Something went out: a send may take in the news of the (edge-triggered) FDs without
+        their firing, so look at the DEALER now, and drain only if something waits (or the SUB
+        was touched). Cheaper than a drain after every send."""
         self._last_sent = time.monotonic()
-        self._schedule_drain()
+        if self._sub_unread or self._dealer.get(_EVENTS) & _POLLIN:
+            self._schedule_drain()
 
     def _schedule_drain(self) -> None:
         """Run ``_drain`` once, at the next loop iteration: it sends what this iteration queued
@@ -301,9 +307,7 @@ class AsyncClient(Link, FrontDoor):
             if count and sock is dealer:
                 self._last_heard = time.monotonic()
         if core.outgoing or core.posts or core.pending_acks:
-            self._flush_outgoing()
-            # The FDs are edge-triggered and a send may take in their news: look again.
-            more = more or self._sub_unread or dealer.get(_EVENTS) & _POLLIN
+            self._flush_outgoing()  # (whose sends look again at the FDs: see _after_send)
         self._arm_sync_timer()
         if more:
             self._schedule_drain()
@@ -388,5 +392,4 @@ class AsyncClient(Link, FrontDoor):
                 self._sub.setsockopt(zmq.SUBSCRIBE if kind == "sub" else zmq.UNSUBSCRIBE, item)
                 self._sub_unread = sent = True  # (the option may take in the SUB's news too)
         if sent:
-            self._last_sent = time.monotonic()
-            self._schedule_drain()
+            self._after_send()

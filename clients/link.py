@@ -310,7 +310,6 @@ class Link:
     def _send_frames(self, frames: list[bytes]) -> None:
         try:
             send_frames(self._dealer, frames)
-            self._last_sent = time.monotonic()
-            self._schedule_drain()  # (the send may take in the DEALER's news: edge-triggered FD)
+            self._after_send()
         except zmq.Again:  # no connection (IMMEDIATE): the link events will tell the rest
             pass
