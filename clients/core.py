@@ -337,13 +337,12 @@ class ClientCore(Inbound):
         """The pending POSTs: one message per channel (per MAX_POST_BODIES bodies); the first
         also carries the acks not yet sent."""
         posts, self.posts = self.posts, {}
-        acks, self.pending_acks = tuple(self.pending_acks.items()), {}
+        acks, self.pending_acks = self.pending_acks, {}
         out = []
-        for channel, bodies in posts.items():
+        for channel, bodies in posts.items():  # (names checked at send; counts are our own)
             for i in range(0, len(bodies), MAX_POST_BODIES):
-                post = wire.Post(channel, self.expiry, tuple(bodies[i:i + MAX_POST_BODIES]), acks)
-                out.append(("dealer", post.frames()))
-                acks = ()
+                out.append(("dealer", wire.Post.encode(channel, self.expiry, bodies[i:i + MAX_POST_BODIES], acks)))
+                acks = {}
         return out
 
     # -- groups (the membership state is in self.groups) ----------------------------------

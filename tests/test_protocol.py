@@ -185,6 +185,15 @@ def test_every_command_survives_a_round_trip_through_its_frames(command):
     assert decoded == command
 
 
+def test_a_post_encoded_on_the_clients_fast_path_is_the_post_the_broker_decodes():
+    bodies = [BODY, b"\x81\xa4type\xa1b"]
+    for acks in ({}, {"pong": 2, "specific.abcd1234!x": 1}):
+        frames = wire.Post.encode("tasks", 30.0, bodies, acks)
+        command = wire.Post("tasks", 30.0, tuple(bodies), tuple(acks.items()))
+        assert frames == command.frames()
+        assert wire.decode(frames) == command
+
+
 def test_every_verb_has_a_round_trip_test():
     assert {type(c) for c in ROUND_TRIPS} == set(wire.COMMANDS.values())
 

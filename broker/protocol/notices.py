@@ -10,6 +10,7 @@ from .fields import Command, check_int, field_value, int_field, no_body, pack, s
 from .names import check_channel, check_group
 
 MAX_POST_BODIES = 1024
+_POST = verb_frame("POST")
 
 
 def _check_counts(pairs, low: int) -> None:
@@ -124,7 +125,16 @@ class Post(Command):
         return header
 
     def frames(self):
-        return [verb_frame(self.VERB), pack(self.header()), *self.bodies]
+        return self.encode(self.channel, self.expiry, self.bodies, dict(self.acks))
+
+    @staticmethod
+    def encode(channel: str, expiry: float, bodies, acks: dict) -> list[bytes]:
+        """The frames of a POST whose parts its sender has checked already (a client's hot
+        path: the same frames as ``Post(...).frames()``, without building and re-checking one)."""
+        header = {"ch": channel, "exp": expiry}
+        if acks:
+            header["acks"] = acks
+        return [_POST, pack(header), *bodies]
 
 
 @dataclass(frozen=True)
