@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-from .common import PING_CHANNEL, PONG_CHANNEL, RECV_POLL_MS, TP_CHANNEL, emit, make_message, percentiles, wait_word
+from .common import (
+    Arrivals, PING_CHANNEL, PONG_CHANNEL, RECV_POLL_MS, TP_CHANNEL, emit, make_message, percentiles, wait_word,
+)
 
 
 async def _bus_client(args):
@@ -31,18 +33,14 @@ async def _bus_receiver(args) -> None:
         await _grant(client, ReceiveTimeout, PING_CHANNEL)
         emit(ready=True)
         deadline = time.monotonic() + args.timeout
-        count = disorder = expected = 0
-        while count < args.messages and time.monotonic() < deadline:
+        arrivals = Arrivals()
+        while arrivals.count < args.messages and time.monotonic() < deadline:
             try:
                 message = await client.receive(TP_CHANNEL, timeout=RECV_POLL_MS / 1000)
             except ReceiveTimeout:
                 continue
-            seq = int.from_bytes(message["seq"], "big")
-            if seq != expected:
-                disorder += 1
-            expected = seq + 1
-            count += 1
-        emit(received=count, t_end=time.monotonic(), disorder=disorder)
+            arrivals.see(int.from_bytes(message["seq"], "big"))
+        arrivals.report()
         total = args.rtt + args.warmup
         answered = 0
         while answered < total and time.monotonic() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 PAYLOAD_SIZE = 64
 HOST = "127.0.0.1"
@@ -53,3 +54,19 @@ def percentiles(samples: list[float]) -> dict:
         return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
 
     return {"n": len(ordered), "p50": rank(0.50), "p99": rank(0.99)}
+
+
+class Arrivals:
+    """What a throughput receiver counts: messages, and jumps in their sequence numbers."""
+
+    def __init__(self) -> None:
+        self.count = self.disorder = self.expected = 0
+
+    def see(self, seq: int) -> None:
+        if seq != self.expected:
+            self.disorder += 1
+        self.expected = seq + 1
+        self.count += 1
+
+    def report(self) -> None:
+        emit(received=self.count, t_end=time.monotonic(), disorder=self.disorder)

@@ -8,7 +8,9 @@ import time
 
 from broker.zio import recv_frames, send_frames
 
-from .common import HOST, RECV_POLL_MS, REF_RECEIVER, REF_SENDER, emit, payload_template, percentiles, wait_word
+from .common import (
+    Arrivals, HOST, RECV_POLL_MS, REF_RECEIVER, REF_SENDER, emit, payload_template, percentiles, wait_word,
+)
 
 
 def role_forwarder(args) -> None:
@@ -73,19 +75,15 @@ def role_ref_receiver(args) -> None:
     _, offset = payload_template()
     emit(ready=True)
     deadline = time.monotonic() + args.timeout
-    count = disorder = expected = 0
+    arrivals = Arrivals()
     recv = dealer.recv_multipart
-    while count < args.messages and time.monotonic() < deadline:
+    while arrivals.count < args.messages and time.monotonic() < deadline:
         try:
             frames = recv()
         except zmq.Again:
             continue
-        seq = int.from_bytes(frames[1][offset:offset + 8], "big")
-        if seq != expected:
-            disorder += 1
-        expected = seq + 1
-        count += 1
-    emit(received=count, t_end=time.monotonic(), disorder=disorder)
+        arrivals.see(int.from_bytes(frames[1][offset:offset + 8], "big"))
+    arrivals.report()
     total = args.rtt + args.warmup
     answered = 0
     while answered < total and time.monotonic() < deadline:
@@ -209,15 +207,11 @@ async def _floor_receiver(args) -> None:
     _watchdog(args.timeout)
     _, offset = payload_template()
     emit(ready=True)
-    count = disorder = expected = 0
-    while count < args.messages:
+    arrivals = Arrivals()
+    while arrivals.count < args.messages:
         frames = await dealer.recv()
-        seq = int.from_bytes(frames[1][offset:offset + 8], "big")
-        if seq != expected:
-            disorder += 1
-        expected = seq + 1
-        count += 1
-    emit(received=count, t_end=time.monotonic(), disorder=disorder)
+        arrivals.see(int.from_bytes(frames[1][offset:offset + 8], "big"))
+    arrivals.report()
     for _ in range(args.rtt + args.warmup):
         await dealer.send(await dealer.recv())  # [src, body] back to src
     emit(answered=args.rtt + args.warmup)
