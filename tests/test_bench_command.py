@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
 from click.testing import CliRunner
 
 from consumers.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_runs_the_named_script_with_its_arguments():
@@ -17,3 +25,24 @@ def test_bench_refuses_an_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
     assert result.exit_code == 2
     assert "'nope' is not one of" in result.output
+
+
+@pytest.mark.timeout(90)
+def test_the_core_benchmark_runs_all_three_set_ups_to_completion():
+    """A tiny run of the real thing: the forwarder, the asyncio floor and a broker, each with a
+    sender and a receiver process; every message arrives in order (exit status 0)."""
+    argv = [sys.executable, os.path.join(ROOT, "benchmarks", "core.py"), "--messages", "300", "--rtt", "30",
+            "--warmup", "5", "--timeout", "60"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own group: on a hang, all of it is stopped
+    try:
+        output, _ = proc.communicate(timeout=75)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output
+    for row in ("reference (pyzmq forwarder)", "asyncio floor (same, asyncio)", "bus (AsyncClient + broker)",
+                "bus / reference", "asyncio floor / reference"):
+        assert row in output, output
+    assert "OUT OF ORDER" not in output and "only " not in output, output
