@@ -89,7 +89,7 @@ class Deadlines:
                 del self._due[future]
             elif deadline <= now:
                 del self._due[future]
-                future.set_exception(Expired())
+                expire(future)
             elif deadline < earliest:
                 earliest = deadline
         if earliest != float("inf"):
