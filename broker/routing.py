@@ -40,6 +40,7 @@ REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken")  #
 RESERVE_HEADROOM = 4  # no new send slots unless this many largest messages would still fit in memory
 STRIKE_WINDOW = 60.0  # seconds over which bad messages are counted against max_bad_frames
 LIVENESS = 3  # heartbeat intervals of silence after which a peer that promised heartbeats is dead
+_POST = wire.verb_frame("POST")
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,16 @@ class Router(GroupRouting, RecallWaits):
             if now < self.banned[rid]:
                 return []
             del self.banned[rid]
+        peer = self.delivery.peers.get(rid)
+        if peer is not None and frames[0] == _POST:  # the hot path: no command object is built
+            parts = wire.Post.parts(frames)
+            if parts is not None:
+                peer.last_seen = now
+                return self._queue_posted(peer, *parts, now)
         try:
             cmd = wire.decode(frames)
         except ProtocolError as err:
             return self._strike(rid, err, now)
-        peer = self.delivery.peers.get(rid)
         if peer is not None:
             peer.last_seen = now
         if peer is None and type(cmd) is not wire.Hello:
@@ -313,32 +319,36 @@ class Router(GroupRouting, RecallWaits):
         return [Out(peer.rid, wire.ok(cmd.id, grant=grant))]
 
     def _post(self, peer: Peer, cmd: wire.Post, now: float) -> list[Out]:
+        return self._queue_posted(peer, cmd.channel, cmd.expiry, cmd.bodies, cmd.acks, now)
+
+    def _queue_posted(self, peer: Peer, channel: str, expiry: float, bodies, acks, now: float) -> list[Out]:
+        """A POST's work, from its command or from its frames (``handle``'s fast path)."""
         # What the acks release and the bodies queued before a refusal are delivered all the
         # same: the refusal is returned with them rather than raised over them.
-        out = self._ack(peer, cmd, now) if cmd.acks else []
+        out = self._take_acks(peer, acks, now) if acks else []
         try:
-            self._check_settings(1, cmd.expiry)
-            for body in cmd.bodies:
+            self._check_settings(1, expiry)
+            for body in bodies:
                 self._check_body(body)
         except ProtocolError as err:
-            return out + self._refuse(peer.rid, cmd, err, now)
-        expires_at = now + cmd.expiry
+            return out + self._refuse(peer.rid, None, err, now)
+        expires_at = now + expiry
         queued = 0
-        for body in cmd.bodies:
-            if not self.delivery.post(peer, cmd.channel, body, expires_at):
+        for body in bodies:
+            if not self.delivery.post(peer, channel, body, expires_at):
                 break
             queued += 1
         self.stats["received"] += queued
         if queued:
-            out += self.delivery.kick(cmd.channel, now)
-        if queued < len(cmd.bodies):
+            out += self.delivery.kick(channel, now)
+        if queued < len(bodies):
             err = ProtocolError(
                 "no-reservation",
-                f"POST to {cmd.channel!r} without a reserved slot for body {queued + 1} of"
-                f" {len(cmd.bodies)}; it and the rest were not queued",
-                channel=cmd.channel, size=queued,
+                f"POST to {channel!r} without a reserved slot for body {queued + 1} of"
+                f" {len(bodies)}; it and the rest were not queued",
+                channel=channel, size=queued,
             )
-            out += self._refuse(peer.rid, cmd, err, now)
+            out += self._refuse(peer.rid, None, err, now)
         return out
 
     def _release(self, peer: Peer, cmd: wire.Release, now: float) -> list[Out]:
@@ -367,8 +377,11 @@ class Router(GroupRouting, RecallWaits):
         return self.delivery.credit(peer, cmd.channel, cmd.n, now)
 
     def _ack(self, peer: Peer, cmd: wire.Ack, now: float) -> list[Out]:
+        return self._take_acks(peer, cmd.acks, now)
+
+    def _take_acks(self, peer: Peer, acks, now: float) -> list[Out]:
         out: list[Out] = []
-        for name, n in cmd.acks:
+        for name, n in acks:
             out += self.delivery.ack(peer, name, n, now)
         return out
 

@@ -11,6 +11,7 @@ import pytest
 
 from broker.protocol import wire
 from broker.protocol.errors import ERROR_CODES, ProtocolError
+from broker.protocol.notices import MAX_POST_BODIES
 from broker.protocol.names import (
     CONTROL_TOPIC, MAX_NAME_LENGTH, check_channel, check_client_id, check_group, group_topic,
     is_specific, owner_of,
@@ -192,6 +193,45 @@ def test_a_post_encoded_on_the_clients_fast_path_is_the_post_the_broker_decodes(
         command = wire.Post("tasks", 30.0, tuple(bodies), tuple(acks.items()))
         assert frames == command.frames()
         assert wire.decode(frames) == command
+
+
+def _post_frames(header, bodies=(BODY,), verb=b"\x01POST"):
+    return [verb, msgpack.packb(header), *bodies]
+
+
+POSTS_FOR_THE_FAST_PATH = [
+    _post_frames({"ch": "tasks", "exp": 60}),
+    _post_frames({"ch": "tasks", "exp": 0.5, "acks": {"pong": 2, "specific.abcd1234!x": 1}}, (BODY, BODY)),
+    _post_frames({"ch": "tasks", "exp": 60, "acks": None, "later": "ignored"}),
+    _post_frames({"ch": "tasks", "exp": 60}, ()),  # no body
+    _post_frames({"ch": "tasks", "exp": 60}, (BODY,) * (MAX_POST_BODIES + 1)),
+    _post_frames({"ch": "bad name!", "exp": 60}),
+    _post_frames({"ch": 7, "exp": 60}),
+    _post_frames({"exp": 60}),
+    _post_frames({"ch": "tasks"}),
+    _post_frames({"ch": "tasks", "exp": 0}),
+    _post_frames({"ch": "tasks", "exp": "60"}),
+    _post_frames({"ch": "tasks", "exp": True}),
+    _post_frames({"ch": "tasks", "exp": 60, "acks": {"pong": 0}}),
+    _post_frames({"ch": "tasks", "exp": 60, "acks": {"pong": -1}}),
+    _post_frames({"ch": "tasks", "exp": 60, "acks": {"no good": 1}}),
+    _post_frames({"ch": "tasks", "exp": 60, "acks": [["pong", 1]]}),
+    _post_frames({"ch": "tasks", "exp": 60}, verb=b"\x02POST"),
+    [b"\x01POST", b"\xc1", BODY],  # not msgpack
+    [b"\x01POST", msgpack.packb(["ch", "tasks"]), BODY],  # not a map
+    [b"\x01POST", msgpack.packb({1: "x", "ch": "tasks", "exp": 60}), BODY],  # a key that is not str
+]
+
+
+@pytest.mark.parametrize("frames", POSTS_FOR_THE_FAST_PATH)
+def test_the_brokers_fast_path_takes_exactly_the_posts_decode_accepts_with_the_same_values(frames):
+    parts = wire.Post.parts(frames)
+    try:
+        command = wire.decode(frames)
+    except ProtocolError:
+        assert parts is None  # (the broker then decodes it, and replies with decode's error)
+        return
+    assert parts == (command.channel, command.expiry, list(command.bodies), command.acks)
 
 
 def test_every_verb_has_a_round_trip_test():
