@@ -300,7 +300,7 @@ class Delivery:
         unacked.extend(items)  # kept (and counted in bytes_held) until acknowledged
         self.stats["delivered"] += len(items)
         header = wire.pack({"ch": name, "ttl": ttls, "at": now + self.wall_offset})
-        return [Out(peer.rid, [wire.MSG, header, *(item[0] for item in items)], (name, items))]
+        return [Out(peer.rid, [wire.MSG, header, *[item[0] for item in items]], (name, items))]
 
     def unsent(self, rid: bytes, push: tuple[str, list], now: float) -> Peer | None:
         """A MSG could not be sent: requeue its items at the front; return the peer, if known."""

@@ -152,7 +152,9 @@ class BrokerServer:
         try:
             for count in range(1, BATCH + 1):
                 now = time.monotonic()
-                self._send(router.handle(frames[0], frames[1:], now), now)
+                out = router.handle(frames[0], frames[1:], now)
+                if out:  # (a POST's delivery waits for the end of the batch: usually nothing)
+                    self._send(out, now)
                 if count == BATCH or not sock.get(_EVENTS) & _POLLIN:
                     break  # (not reading a message this batch would not handle)
                 frames = recv_frames(sock)

@@ -12,14 +12,18 @@ import zmq
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+_Socket = zmq.backend.Socket
+_SEND = _Socket.send
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = NOBLOCK) -> None:
     """Send ``frames`` as one message; raises zmq.Again (nothing sent) when it cannot now."""
     last = len(frames) - 1
-    send = sock.send
+    # A ZeroMQ socket's own send, below pyzmq's Python-level one (which only adds the DRAFT
+    # routing_id and group arguments): the same call, a microsecond less per message.
+    send = _SEND if isinstance(sock, _Socket) else type(sock).send
     for index, frame in enumerate(frames):
-        send(frame, flags | _SNDMORE if index < last else flags)
+        send(sock, frame, flags | _SNDMORE if index < last else flags)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
