@@ -124,9 +124,14 @@ class AsyncClient(Link, FrontDoor):
                 self._schedule_drain()  # one ACK for what this loop iteration takes
                 return message
             self._flush_outgoing()
-            if not await self._arrival(channel, deadline):
+            future = self._watch(channel, deadline)  # (awaited here, not in _arrival: one coroutine less)
+            try:
+                await future
+            except Expired:
                 raise ReceiveTimeout(f"no message on {channel!r} within {timeout:g} s",
-                                     channel=channel, timeout=timeout)
+                                     channel=channel, timeout=timeout) from None
+            finally:
+                self._unwatch(channel, future, deadline)
 
     def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name owned by this client (no round trip)."""
@@ -337,21 +342,32 @@ class AsyncClient(Link, FrontDoor):
     async def _arrival(self, key, deadline: float | None) -> bool:
         """Wait until something arrives for ``key`` (a channel, or a marker key); False when
         ``deadline`` (monotonic) passes first. Cancelling it cancels only this waiter."""
-        future = self._loop.create_future()
-        waiters = self._arrivals.setdefault(key, [])
-        waiters.append(future)
-        if deadline is not None:
-            self._deadlines.add(future, deadline)
+        future = self._watch(key, deadline)
         try:
             await future
             return True
         except Expired:
             return False
         finally:
-            if deadline is not None:
-                self._deadlines.discard(future)
-            if future in waiters:
-                waiters.remove(future)
+            self._unwatch(key, future, deadline)
+
+    def _watch(self, key, deadline: float | None) -> asyncio.Future:
+        """A future that is done when something arrives for ``key``, or fails with Expired
+        once ``deadline`` passes. Whoever awaits it must call ``_unwatch`` afterwards."""
+        future = self._loop.create_future()
+        self._arrivals.setdefault(key, []).append(future)
+        if deadline is not None:
+            self._deadlines.add(future, deadline)
+        return future
+
+    def _unwatch(self, key, future: asyncio.Future, deadline: float | None) -> None:
+        if deadline is not None:
+            self._deadlines.discard(future)
+        waiters = self._arrivals.get(key)  # (an arrival took the list it was in, and settled it)
+        if waiters and future in waiters:
+            waiters.remove(future)
+            if not waiters:  # (a timed-out or cancelled wait leaves no empty list behind)
+                del self._arrivals[key]
 
     def _arm_sync_timer(self) -> None:
         if not self._core.groups.awaiting and self._sync_timer is None:
