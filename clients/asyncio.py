@@ -292,30 +292,30 @@ class AsyncClient(Link, FrontDoor):
         self._drain_scheduled = False
         if self._closed or self._dealer.closed:  # (closed, or torn down after a failed connect)
             return
-        core, dealer, sub = self._core, self._dealer, self._sub
-        more = False
-        for sock, digest in ((dealer, core.on_dealer), (sub, core.on_sub)):
-            if sock is sub:
-                if not self._sub_unread:
-                    continue
-                self._sub_unread = False
-            count = 0
-            while sock.get(_EVENTS) & _POLLIN:  # (cheaper than catching zmq.Again)
-                if count == DRAIN_BATCH:
-                    more = True
-                    if sock is sub:
-                        self._sub_unread = True
-                    break
-                count += 1
-                for event in digest(recv_frames(sock), time.monotonic(), time.time()):
-                    self._dispatch(event)
-            if count and sock is dealer:
-                self._last_heard = time.monotonic()
+        core = self._core
+        more = self._read(self._dealer, core.on_dealer)
+        if self._sub_unread:
+            self._sub_unread = self._read(self._sub, core.on_sub)
+            more = more or self._sub_unread
         if core.outgoing or core.posts or core.pending_acks:
             self._flush_outgoing()  # (whose sends look again at the FDs: see _after_send)
         self._arm_sync_timer()
         if more:
             self._schedule_drain()
+
+    def _read(self, sock: zmq.Socket, digest) -> bool:
+        """Digest what ``sock`` holds, up to DRAIN_BATCH messages; True if it may hold more."""
+        count, more = 0, False
+        while sock.get(_EVENTS) & _POLLIN:  # (cheaper than catching zmq.Again)
+            if count == DRAIN_BATCH:
+                more = True
+                break
+            count += 1
+            for event in digest(recv_frames(sock), time.monotonic(), time.time()):
+                self._dispatch(event)
+        if count and sock is self._dealer:
+            self._last_heard = time.monotonic()
+        return more
 
     def _on_sub_ready(self) -> None:
         """The SUB's FD fired (ZeroMQ FDs are per socket: work on the DEALER leaves it alone)."""
@@ -324,6 +324,11 @@ class AsyncClient(Link, FrontDoor):
 
     def _dispatch(self, event: tuple) -> None:
         kind = event[0]
+        if kind == "arrived":  # (first: the common case)
+            for waiter in self._arrivals.pop(event[1], ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
         if kind == "forgotten":  # the broker dropped us (it restarted, or we fell silent)
             if self._online:
                 self._go_offline("the broker had forgotten this client")
@@ -334,8 +339,7 @@ class AsyncClient(Link, FrontDoor):
             if future is not None and not future.done():
                 future.set_result(event[2])
             return
-        key = event[1] if kind == "arrived" else event
-        for waiter in self._arrivals.pop(key, ()):
+        for waiter in self._arrivals.pop(event, ()):  # a marker arrived (or failed)
             if not waiter.done():
                 waiter.set_result(None)
 

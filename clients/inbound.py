@@ -165,7 +165,9 @@ class Inbound:
         header = wire.unpack_header(frames[1])
         if verb == wire.MSG:
             channel = header["ch"]
-            queue = self.queues.setdefault(channel, deque())
+            queue = self.queues.get(channel)
+            if queue is None:
+                queue = self.queues[channel] = deque()
             for body, ttl in zip(frames[2:], header["ttl"]):
                 queue.append((body, self._deadline(header, ttl, now, wall), True))
             return [("arrived", channel)]
@@ -245,7 +247,9 @@ class Inbound:
                 if re.match(source, channel):
                     capacity = cap
                     break
-            queue = self.queues.setdefault(channel, deque())
+            queue = self.queues.get(channel)
+            if queue is None:
+                queue = self.queues[channel] = deque()
             if len(queue) >= capacity:
                 self.skipped += 1
                 continue
