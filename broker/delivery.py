@@ -107,6 +107,7 @@ class Delivery:
         self.stalled: set[str] = set()
         self.bytes_held = 0  # bodies queued in inboxes (plus ITEM_OVERHEAD each): the memory ceiling's measure
         self._dirty: set[str] | None = None
+        self._pack = wire.packer()  # (the broker's one thread)
 
     # -- batching -------------------------------------------------------------------------
 
@@ -299,7 +300,7 @@ class Delivery:
             unacked = peer.unacked[name] = deque()
         unacked.extend(items)  # kept (and counted in bytes_held) until acknowledged
         self.stats["delivered"] += len(items)
-        header = wire.pack({"ch": name, "ttl": ttls, "at": now + self.wall_offset})
+        header = self._pack({"ch": name, "ttl": ttls, "at": now + self.wall_offset})
         return [Out(peer.rid, [wire.MSG, header, *[item[0] for item in items]], (name, items))]
 
     def unsent(self, rid: bytes, push: tuple[str, list], now: float) -> Peer | None:

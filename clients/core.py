@@ -110,6 +110,7 @@ class ClientCore(Inbound):
                 raise ValueError(f"{name} must be a number of seconds above 0, got {value!r}")
         self.capacity = capacity
         self.expiry = float(expiry)
+        self._pack = wire.packer()  # (a client is used from one thread at a time)
         self.group_expiry = float(group_expiry)
         self.channel_capacity = compile_capacities(channel_capacity)
         # What GSEND/GPOST carry: computed once, not per group send.
@@ -317,7 +318,7 @@ class ClientCore(Inbound):
         return None, frames
 
     def _body(self, message: dict) -> bytes:
-        body = pack_message(message)
+        body = pack_message(message, self._pack)
         limit = self.limits.get("max_message_size")
         if limit is not None and len(body) > limit:
             raise MessageTooLarge(
@@ -341,7 +342,8 @@ class ClientCore(Inbound):
         out = []
         for channel, bodies in posts.items():  # (names checked at send; counts are our own)
             for i in range(0, len(bodies), MAX_POST_BODIES):
-                out.append(("dealer", wire.Post.encode(channel, self.expiry, bodies[i:i + MAX_POST_BODIES], acks)))
+                out.append(("dealer", wire.Post.encode(
+                    channel, self.expiry, bodies[i:i + MAX_POST_BODIES], acks, self._pack)))
                 acks = {}
         return out
 

@@ -57,6 +57,23 @@ def test_a_second_send_soon_after_asks_for_slots_and_the_grant_turns_sends_into_
     assert frames[0] == b"\x01SEND"  # the slots are used up: back to a request
 
 
+def test_a_message_that_cannot_be_serialised_is_refused_and_spoils_no_later_send():
+    """The core packs with a packer of its own, which keeps a buffer: a refused message must
+    leave nothing of itself in it."""
+    c = core()
+    c.send("q", {"type": "t"}, now=0.0)
+    rid, _ = c.send("q", {"type": "t"}, now=0.01)
+    c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": 3})], now=0.02)
+    c.take_outgoing()
+    with pytest.raises(TypeError, match="cannot be serialised"):
+        c.send("q", {"type": "t", "x": object()}, now=0.03)
+    good = {"type": "t", "blob": b"\x00\x01", "n": 7}
+    assert c.send("q", good, now=0.04) == (None, None)
+    [post] = [item for kind, item in c.take_outgoing() if item[0] == b"\x01POST"]
+    assert post[2:] == [msgpack.packb(good, use_bin_type=True)]
+    assert msgpack.unpackb(post[1]) == {"ch": "q", "exp": c.expiry}
+
+
 def test_a_low_reservation_is_topped_up_with_a_reserve_whose_reply_is_handled_inside():
     c = core()
     c.send("q", {"type": "t"}, now=0.0)

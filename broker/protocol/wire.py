@@ -20,7 +20,7 @@ from typing import ClassVar
 from .errors import ProtocolError, echo
 from .fields import (  # noqa: F401  (re-exported: the wire format in one import)
     MAX_HEADER_SIZE, MAX_INT, VERSION, Command, Request, body_is_map, check_int, field_value, int_field,
-    no_body, one_body, pack, seconds_field, unpack_header, verb_frame,
+    no_body, one_body, pack, packer, seconds_field, unpack_header, verb_frame,
 )
 from .names import check_channel, check_client_id, check_group
 from .notices import Ack, Bye, Credit, Heartbeat, Joined, Post, Release  # noqa: F401
