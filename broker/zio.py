@@ -1,8 +1,9 @@
-"""Multipart send and receive with plain-int flags.
+"""Multipart send and receive, cheaper than pyzmq's own for the small frames of this protocol.
 
-pyzmq's ``send_multipart`` and ``recv_multipart`` combine flag enums on every frame, which costs
-more than the ZeroMQ calls themselves for the small frames of this protocol. These do the same
-with ints. Used by the broker and both clients (they import only zmq).
+pyzmq's ``send_multipart`` and ``recv_multipart`` combine flag enums on every frame, and its
+``get(RCVMORE)`` turns the option into an enum each call: each costs more than the ZeroMQ call
+itself. These use plain ints, and each received part as a Frame that knows whether more follow.
+Used by the broker and both clients (they import only zmq).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 _Socket = zmq.backend.Socket
 _SEND = _Socket.send
 
@@ -28,8 +28,12 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = NOBLOCK) -> 
 
 def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
     """Receive one whole message; raises zmq.Again when none is waiting (with NOBLOCK)."""
-    recv, more = sock.recv, sock.get
-    frames = [recv(flags)]
-    while more(_RCVMORE):
-        frames.append(recv(flags))
+    # Each part as a Frame, which says itself whether more follow: asking the socket
+    # (``get(RCVMORE)``) costs more than the Frame, as pyzmq looks the option up as an enum.
+    recv = sock.recv
+    frame = recv(flags, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = recv(flags, copy=False)
+        frames.append(frame.bytes)
     return frames

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -285,17 +286,14 @@ class QueuedRouterSocket:
     def __init__(self, messages: list[list[bytes]]) -> None:
         self.frames = [(frame, index < len(m) - 1) for m in messages for index, frame in enumerate(m)]
         self.sent: list[bytes] = []
-        self.more = False
 
-    def recv(self, flags: int = 0) -> bytes:
+    def recv(self, flags: int = 0, copy: bool = True):
         if not self.frames:
             raise zmq.Again()
-        frame, self.more = self.frames.pop(0)
-        return frame
+        frame, more = self.frames.pop(0)
+        return frame if copy else SimpleNamespace(bytes=frame, more=more)  # (a zmq.Frame's two)
 
     def get(self, option: int) -> int:
-        if option == zmq.RCVMORE:
-            return int(self.more)
         assert option == zmq.EVENTS
         return zmq.POLLIN if self.frames else 0
 
