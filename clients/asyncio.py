@@ -276,8 +276,8 @@ class AsyncClient(Link, FrontDoor):
         their firing, so look at the DEALER now, and drain only if something waits (or the SUB
         was touched). Cheaper than a drain after every send."""
         self._last_sent = time.monotonic()
-        if self._sub_unread or self._dealer.get(_EVENTS) & _POLLIN:
-            self._schedule_drain()
+        if not self._drain_scheduled and (self._sub_unread or self._dealer.get(_EVENTS) & _POLLIN):
+            self._schedule_drain()  # (a drain already scheduled looks at both itself)
 
     def _schedule_drain(self) -> None:
         """Run ``_drain`` once, at the next loop iteration: it sends what this iteration queued
