@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .inbox import Inbox
 from .protocol import wire
 from .protocol.names import owner_of
 
@@ -59,18 +60,6 @@ class Peer:
     @property
     def inflight(self) -> dict[str, int]:
         return {name: len(items) for name, items in self.unacked.items()}
-
-
-@dataclass
-class Inbox:
-    owner: str | None = None  # the client id of a process-specific channel (names.owner_of)
-    queue: deque = field(default_factory=deque)
-    inflight: int = 0
-    reserved: int = 0
-    ready: deque = field(default_factory=deque)  # routing ids with credit, round robin
-
-    def depth(self) -> int:
-        return len(self.queue) + self.inflight + self.reserved
 
 
 def _size(items) -> int:
@@ -147,7 +136,7 @@ class Delivery:
             if inbox.depth() >= capacity:
                 self.gc(name)
                 return False
-        inbox.queue.append((body, expires_at))
+        inbox.add(body, expires_at)
         self.bytes_held += len(body) + ITEM_OVERHEAD
         return True
 
@@ -176,7 +165,7 @@ class Delivery:
             inbox = self.inbox(name)
         else:
             return False
-        inbox.queue.append((body, expires_at))
+        inbox.add(body, expires_at)
         self.bytes_held += len(body) + ITEM_OVERHEAD
         return True
 
@@ -202,20 +191,20 @@ class Delivery:
         return n
 
     def purge(self, inbox: Inbox, now: float) -> None:
-        live = deque(item for item in inbox.queue if item[1] > now)
-        if len(live) != len(inbox.queue):
-            self.stats["expired"] += len(inbox.queue) - len(live)
-            self.bytes_held -= _size(inbox.queue) - _size(live)
-            inbox.queue = live
+        """Drop what has expired in ``inbox`` (nothing to do, and no scan, until its soonest
+        expiry has passed: see broker.inbox)."""
+        dropped = inbox.expire(now)
+        if dropped:
+            self.stats["expired"] += len(dropped)
+            self.bytes_held -= _size(dropped)
 
     def drop_queued(self, name: str) -> int:
         """Empty ``name``'s queue (flush, or its owner left); return how many were dropped."""
         inbox = self.inboxes[name]
-        dropped = len(inbox.queue)
-        self.bytes_held -= _size(inbox.queue)
-        inbox.queue.clear()
+        dropped = inbox.clear()
+        self.bytes_held -= _size(dropped)
         self.gc(name)
-        return dropped
+        return len(dropped)
 
     def gc(self, name: str) -> None:
         inbox = self.inboxes[name]
@@ -311,7 +300,7 @@ class Delivery:
             return None
         _newest(peer.unacked, channel, len(items))
         inbox = self.inboxes[channel]
-        inbox.queue.extendleft(reversed(items))
+        inbox.requeue(items)
         inbox.inflight -= len(items)
         if owner_of(channel) is None:
             peer.credits[channel] = peer.credits.get(channel, 0) + len(items)
@@ -334,7 +323,7 @@ class Delivery:
                 continue
             inbox.inflight -= len(items)
             if owner_of(name) is None:  # a normal channel's unconsumed messages go back, in order
-                inbox.queue.extendleft(reversed(items))
+                inbox.requeue(items)
                 self.stalled.add(name)
             else:
                 self.bytes_held -= _size(items)
@@ -360,7 +349,7 @@ class Delivery:
         for name, items in peer.unacked.items():
             inbox = self.inboxes[name]
             inbox.inflight -= len(items)
-            inbox.queue.extendleft(reversed(items))
+            inbox.requeue(items)
             self.stalled.add(name)
         peer.unacked.clear()
         for name in list(peer.reserved):
