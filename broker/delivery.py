@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Every channel with something in it has an ``Inbox``: a FIFO of ``(body, expires_at)``, a count
+Every channel with something in it has an ``Inbox`` (``broker.inbox``, which also keeps the
+expiry bookkeeping that spares the sweeps a scan): a FIFO of ``(body, expires_at)``, a count
 of messages *in flight* (pushed to a client, not yet acknowledged as consumed) and a count of
 slots *reserved* by senders. Its depth, ``len(queue) + inflight + reserved``, never exceeds the
 capacity a sender asked for: that is what makes ``full`` exact even for pipelined sends.

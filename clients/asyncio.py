@@ -2,8 +2,9 @@
 
 An AsyncClient belongs to the event loop that connected it (ZeroMQ sockets must not cross loops
 or threads); using it from another loop raises RuntimeError. The sockets are plain ZeroMQ
-sockets read from the loop with ``add_reader`` on their (edge-triggered) FD, drained until empty
-after every wake-up and every send.
+sockets read from the loop with ``add_reader`` on their (edge-triggered) FD: drained until empty
+after every wake-up, and looked at after every send (which can take in the FD's news without its
+firing), drained again if anything waits.
 
 This module holds the API and the I/O (draining, requests, waits); the link to the broker
 (connecting, watching the connection, heartbeats, reconnecting) is its base class in
