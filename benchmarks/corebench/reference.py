@@ -186,7 +186,8 @@ class AsyncDealer:
                 while not self.sock.get(self._events) & self._pollout:
                     self._waiter = self._loop.create_future()
                     await self._waiter
-        self._loop.call_soon(self._wake)  # (a send may take in the FD's news without firing it)
+        if self.sock.get(self._events) & self._pollin:  # (a send may take in the FD's news
+            self._loop.call_soon(self._wake)  # without its firing: look, as the bus client does)
 
     def close(self) -> None:
         self._loop.remove_reader(self._fd)
