@@ -242,17 +242,14 @@ class AsyncClient(Link, FrontDoor):
                 self._go_offline("the connection to the broker was lost")
         self._after_send()
         future = self._pending[rid] = self._loop.create_future()
-        self._deadlines.add(future, deadline)
         try:
-            result = await future
-        except Expired:
-            self._core.ignored.add(rid)
-            raise BrokerUnavailable(
-                f"no reply from the broker at {self.url} within {self.timeout:g} s",
-                endpoint=self.url, timeout=self.timeout,
-            ) from None
+            result = await self._timed(
+                future, deadline, f"no reply from the broker at {self.url} within {self.timeout:g} s"
+            )
+        except BrokerUnavailable:
+            self._core.ignored.add(rid)  # (its reply, should it come, is nobody's)
+            raise
         finally:
-            self._deadlines.discard(future)
             self._pending.pop(rid, None)
         if isinstance(result, BusError):
             raise result

@@ -137,16 +137,8 @@ class Link:
         self._loop.add_reader(self._sub.getsockopt(zmq.FD), self._on_sub_ready)
         self._handshake = self._loop.create_future()
         self._new_dealer()
-        timer = self._loop.call_later(self.timeout, expire, self._handshake)
-        try:
-            await self._handshake
-        except Expired:
-            raise BrokerUnavailable(
-                f"cannot reach the broker at {self.url} within {self.timeout:g} s",
-                endpoint=self.url, timeout=self.timeout,
-            ) from None
-        finally:
-            timer.cancel()
+        await self._timed(self._handshake, time.monotonic() + self.timeout,
+                          f"cannot reach the broker at {self.url} within {self.timeout:g} s")
         await self._hello()
         self._sub.connect(publisher_url(self._core.pub_endpoint, self.url))
         self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
@@ -237,19 +229,23 @@ class Link:
                 elif not self._online:
                     self._loop.create_task(self._rejoin())
 
+    async def _timed(self, future: asyncio.Future, deadline: float, unavailable: str):
+        """Await ``future`` until ``deadline`` (monotonic); past it, raise BrokerUnavailable
+        saying ``unavailable``. The one way this client times a wait on the broker."""
+        self._deadlines.add(future, deadline)
+        try:
+            return await future
+        except Expired:
+            raise BrokerUnavailable(unavailable, endpoint=self.url, timeout=self.timeout) from None
+        finally:
+            self._deadlines.discard(future)
+
     async def _wait_for_link(self, deadline: float) -> None:
         waiter = self._loop.create_future()
         self._link_waiters.append(waiter)
-        self._deadlines.add(waiter, deadline)
         try:
-            await waiter
-        except Expired:
-            raise BrokerUnavailable(
-                f"the broker at {self.url} has been unreachable for {self.timeout:g} s",
-                endpoint=self.url, timeout=self.timeout,
-            ) from None
+            await self._timed(waiter, deadline, f"the broker at {self.url} has been unreachable for {self.timeout:g} s")
         finally:
-            self._deadlines.discard(waiter)
             if waiter in self._link_waiters:
                 self._link_waiters.remove(waiter)
 
