@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from .common import (
-    Arrivals, PING_CHANNEL, PONG_CHANNEL, RECV_POLL_MS, TP_CHANNEL, emit, make_message, percentiles, wait_word,
+    Arrivals, PING_CHANNEL, PONG_CHANNEL, RECV_POLL_MS, TP_CHANNEL, RoundTrips, emit, make_message, wait_word,
 )
 
 
@@ -111,20 +111,16 @@ async def _bus_sender(args) -> None:
         await asyncio.gather(*(worker() for _ in range(max(1, args.window))))
         emit(t0=t0, sent=state["sent"], retries=state["retries"], t_sent=time.monotonic())
         wait_word("go")
-        samples = []
-        clock = time.perf_counter
-        for seq in range(args.rtt + args.warmup):
-            if time.monotonic() > deadline:
-                break
-            start = clock()
+        trips = RoundTrips(args, deadline)
+        for seq in trips:
+            start = trips.clock()
             await client.send(PING_CHANNEL, make_message(seq))
             try:
                 await client.receive(PONG_CHANNEL, timeout=5)
             except ReceiveTimeout:
                 break
-            if seq >= args.warmup:
-                samples.append(clock() - start)
-        emit(rtt=percentiles(samples))
+            trips.took(seq, start)
+        trips.report()
     finally:
         await client.close()
 

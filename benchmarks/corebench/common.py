@@ -56,6 +56,31 @@ def percentiles(samples: list[float]) -> dict:
     return {"n": len(ordered), "p50": rank(0.50), "p99": rank(0.99)}
 
 
+class RoundTrips:
+    """What a round-trip sender measures: ``args.warmup`` unmeasured round trips, then
+    ``args.rtt`` timed ones; it stops early once the monotonic clock passes ``deadline``.
+    A round trip starts at ``clock()``; ``took`` ends it."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, args, deadline: float | None = None) -> None:
+        self.count, self.warmup, self.deadline = args.rtt + args.warmup, args.warmup, deadline
+        self.samples: list[float] = []
+
+    def __iter__(self):
+        for seq in range(self.count):
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                return
+            yield seq
+
+    def took(self, seq: int, start: float) -> None:
+        if seq >= self.warmup:
+            self.samples.append(time.perf_counter() - start)
+
+    def report(self) -> None:
+        emit(rtt=percentiles(self.samples))
+
+
 class Arrivals:
     """What a throughput receiver counts: messages, and jumps in their sequence numbers."""
 

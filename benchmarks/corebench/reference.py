@@ -9,7 +9,7 @@ import time
 from broker.zio import recv_frames, send_frames
 
 from .common import (
-    Arrivals, HOST, RECV_POLL_MS, REF_RECEIVER, REF_SENDER, emit, payload_template, percentiles, wait_word,
+    Arrivals, HOST, RECV_POLL_MS, REF_RECEIVER, REF_SENDER, RoundTrips, emit, payload_template, wait_word,
 )
 
 
@@ -120,21 +120,17 @@ def role_ref_sender(args) -> None:
         pass
     emit(t0=t0, sent=sent, t_sent=time.monotonic())
     wait_word("go")
-    samples = []
-    clock = time.perf_counter
-    for seq in range(args.rtt + args.warmup):
-        if time.monotonic() > deadline:
-            break
+    trips = RoundTrips(args, deadline)
+    for seq in trips:
         buf[offset:offset + 8] = seq.to_bytes(8, "big")
-        start = clock()
+        start = trips.clock()
         send([REF_RECEIVER, bytes(buf)])
         try:
             dealer.recv_multipart()
         except zmq.Again:
             break
-        if seq >= args.warmup:
-            samples.append(clock() - start)
-    emit(rtt=percentiles(samples))
+        trips.took(seq, start)
+    trips.report()
     dealer.close(0)
     ctx.term()
 
@@ -231,16 +227,14 @@ async def _floor_sender(args) -> None:
         await dealer.send([REF_RECEIVER, bytes(buf)])
     emit(t0=t0, sent=args.messages, t_sent=time.monotonic())
     wait_word("go")
-    samples = []
-    clock = time.perf_counter
-    for seq in range(args.rtt + args.warmup):
+    trips = RoundTrips(args)  # (bounded by the watchdog)
+    for seq in trips:
         buf[offset:offset + 8] = seq.to_bytes(8, "big")
-        start = clock()
+        start = trips.clock()
         await dealer.send([REF_RECEIVER, bytes(buf)])
         await dealer.recv()
-        if seq >= args.warmup:
-            samples.append(clock() - start)
-    emit(rtt=percentiles(samples))
+        trips.took(seq, start)
+    trips.report()
     dealer.close()
 
 
