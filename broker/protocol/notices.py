@@ -121,22 +121,23 @@ class Post(Command):
         return cls(field_value(header, "ch"), seconds_field(header, "exp"), tuple(body), acks)
 
     def header(self):
-        header = {"ch": self.channel, "exp": self.expiry}
-        if self.acks:
-            header["acks"] = dict(self.acks)
-        return header
+        return self.header_of(self.channel, self.expiry, dict(self.acks))
 
     def frames(self):
         return self.encode(self.channel, self.expiry, self.bodies, dict(self.acks))
 
     @staticmethod
-    def encode(channel: str, expiry: float, bodies, acks: dict, pack=pack) -> list[bytes]:
-        """The frames of a POST whose parts its sender has checked already (a client's hot
-        path: the same frames as ``Post(...).frames()``, without building and re-checking one)."""
+    def header_of(channel: str, expiry: float, acks: dict) -> dict:
         header = {"ch": channel, "exp": expiry}
         if acks:
             header["acks"] = acks
-        return [_POST, pack(header), *bodies]
+        return header
+
+    @staticmethod
+    def encode(channel: str, expiry: float, bodies, acks: dict, pack=pack) -> list[bytes]:
+        """The frames of a POST whose parts its sender has checked already (a client's hot
+        path: the same frames as ``Post(...).frames()``, without building and re-checking one)."""
+        return [_POST, pack(Post.header_of(channel, expiry, acks)), *bodies]
 
     @staticmethod
     def parts(frames: list[bytes]) -> tuple[str, float, list[bytes], tuple] | None:
