@@ -6,6 +6,11 @@ sockets read from the loop with ``add_reader`` on their (edge-triggered) FD: dra
 after every wake-up, and looked at after every send (which can take in the FD's news without its
 firing), drained again if anything waits.
 
+Sending costs no loop iteration of its own when it need not: a send that follows the client's
+last send by BURST_GAP or more is written to the socket at once; only a burst is collected and
+sent as one POST per channel at the next iteration. An acknowledgement rides on the next thing
+the client sends, or goes when it next waits, and at the latest ACK_DELAY after the take.
+
 This module holds the API and the I/O (draining, requests, waits); the link to the broker
 (connecting, watching the connection, heartbeats, reconnecting) is its base class in
 ``clients.link``. While the link is down, requests wait for it up to ``timeout``; listeners
@@ -29,6 +34,8 @@ from .link import Deadlines, Expired, Link
 from .sync import DEFAULT_URL
 
 DRAIN_BATCH = 512
+BURST_GAP = 50e-6  # a send this soon after the last one is part of a burst: collected, not sent alone
+ACK_DELAY = 0.002  # the longest a taken message waits for its ACK to ride on something else
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 log = logging.getLogger("channelbus.client")
 
@@ -52,6 +59,7 @@ class AsyncClient(Link, FrontDoor):
         self._drain_scheduled = False
         self._sub_unread = True  # the SUB may hold something: its FD fired, or it was touched
         self._sync_timer: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._connecting: asyncio.Future | None = None
@@ -81,11 +89,15 @@ class AsyncClient(Link, FrontDoor):
         With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
         if not self._connected_here():
             await self.connect()
-        rid, frames = self._core.send(channel, message, time.monotonic())
+        now = time.monotonic()
+        rid, frames = self._core.send(channel, message, now)
         if rid is not None:
             await self._call(rid, frames)
             return
-        self._schedule_drain()  # the POSTs of one loop iteration go as one message
+        if self._drain_scheduled or now - self._last_sent < BURST_GAP:
+            self._schedule_drain()  # a burst: the POSTs of this loop iteration go as one message
+        else:
+            self._flush_outgoing()  # a lone send goes at once (and carries the acks due)
         if self._core.refilling and self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._drain()  # take in grants now: a sender that never yields still gets them
         if self._release_timer is None:
@@ -122,7 +134,8 @@ class AsyncClient(Link, FrontDoor):
         while True:
             message = core.pop(channel, time.monotonic(), defer_ack=True)
             if message is not None:
-                self._schedule_drain()  # one ACK for what this loop iteration takes
+                if self._ack_timer is None:
+                    self._ack_timer = self._loop.call_later(ACK_DELAY, self._ack_due)
                 return message
             self._flush_outgoing()
             future = self._watch(channel, deadline)  # (awaited here, not in _arrival: one coroutine less)
@@ -276,6 +289,12 @@ class AsyncClient(Link, FrontDoor):
         self._last_sent = time.monotonic()
         if not self._drain_scheduled and (self._sub_unread or self._dealer.get(_EVENTS) & _POLLIN):
             self._schedule_drain()  # (a drain already scheduled looks at both itself)
+
+    def _ack_due(self) -> None:
+        """ACK_DELAY after a take: send the acks that nothing else has carried yet."""
+        self._ack_timer = None
+        if self._core.pending_acks and not self._closed:
+            self._flush_outgoing()
 
     def _schedule_drain(self) -> None:
         """Run ``_drain`` once, at the next loop iteration: it sends what this iteration queued

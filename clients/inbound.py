@@ -15,8 +15,9 @@ queued in ``outgoing``.
 
 - ``queues``: messages delivered to this process and not yet taken by ``receive``, per channel,
   as ``(body, deadline, direct)``. Direct messages (pushed by the broker on the ROUTER) are
-  acknowledged as soon as they are taken or found expired (the asyncio shell coalesces the acks
-  of one loop iteration and sends them before anything else), so the broker's count of what a
+  acknowledged as soon as they are taken or found expired (the asyncio shell coalesces them
+  and sends them with, or before, whatever it sends next: at the latest ACK_DELAY after the
+  take), so the broker's count of what a
   channel holds stays exact; group messages for process-specific channels arrive on the topic
   and are bounded here by capacity.
 - Deadlines: a message's ttl counts from when the broker sent it, by the broker's clock as

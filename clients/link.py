@@ -178,10 +178,10 @@ class Link:
 
     def _teardown(self, reason: BusError, goodbye: bool) -> None:
         """Stop timers and readers, (say goodbye,) close the sockets, fail every waiter."""
-        for timer in (self._sync_timer, self._release_timer, self._beat_timer):
+        for timer in (self._sync_timer, self._release_timer, self._beat_timer, self._ack_timer):
             if timer is not None:
                 timer.cancel()
-        self._sync_timer = self._release_timer = self._beat_timer = None
+        self._sync_timer = self._release_timer = self._beat_timer = self._ack_timer = None
         self._deadlines.cancel()  # (the waits it times are failed below)
         self._online = False
         sockets = [sock for sock in (getattr(self, "_dealer", None), getattr(self, "_sub", None),

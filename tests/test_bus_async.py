@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 import bus_workers as w
-from clients import AsyncClient, ReceiveTimeout
+from clients import AsyncClient, ChannelFull, Client, ReceiveTimeout
 
 
 async def settle() -> None:
@@ -184,5 +185,72 @@ def test_receive_timeouts_share_one_timer_and_each_fires_on_time(broker):
             assert done == [0.2, 0.4, 0.6]
             with pytest.raises(ReceiveTimeout):
                 await receiver.receive("deadline.again", timeout=0.05)
+
+    asyncio.run(main())
+
+
+def inflight(observer: Client, channel: str) -> int:
+    """The broker's count of ``channel``'s messages pushed and not yet acknowledged."""
+    return {name: pushed for name, _q, pushed, _r in observer.stats(1000)["top_channels"]}.get(channel, 0)
+
+
+@pytest.mark.timeout(30)
+def test_a_lone_send_leaves_at_once_carrying_the_acknowledgement_of_what_was_taken(broker):
+    """A send that is not part of a burst is written to the socket before send() returns, with
+    the ACK of the message taken before it: neither waits for the event loop to turn again (the
+    worker blocks its loop right after the send, until the test has seen both arrive)."""
+    release, failures = threading.Event(), []
+
+    async def worker():
+        async with AsyncClient(broker.url) as client:
+            for _ in range(3):  # the second send to a channel reserves slots: the third is a POST
+                await client.send("answers", {"type": "ready"})
+            job = await client.receive("jobs", timeout=10)
+            await client.send("answers", {"type": "answer", "n": job["n"]})
+            release.wait(15)  # (blocks the event loop on purpose)
+
+    def run_worker():
+        try:
+            asyncio.run(worker())
+        except BaseException as exc:  # noqa: BLE001 (reported by the test thread)
+            failures.append(exc)
+
+    thread = threading.Thread(target=run_worker, daemon=True)
+    thread.start()
+    try:
+        with Client(broker.url) as boss:
+            assert [boss.receive("answers", timeout=10)["type"] for _ in range(3)] == ["ready"] * 3
+            boss.send("jobs", {"type": "job", "n": 7})
+            assert boss.receive("answers", timeout=5) == {"type": "answer", "n": 7}
+            assert inflight(boss, "jobs") == 0  # the ACK came with the answer
+    finally:
+        release.set()
+        thread.join(10)
+    assert not thread.is_alive() and not failures, failures
+
+
+@pytest.mark.timeout(30)
+def test_a_taken_message_is_acknowledged_even_when_the_receiver_then_does_nothing(broker_factory):
+    """A receiver that takes a message and then neither sends nor waits on its client still
+    acknowledges it, within ACK_DELAY: the full channel has room again for another client. (The
+    broker's heartbeat, which would wake the receiver, is set far beyond the test.)"""
+    broker = broker_factory(heartbeat=60)
+
+    async def main():
+        async with AsyncClient(broker.url, capacity=1) as sender, AsyncClient(broker.url) as receiver:
+            loop = asyncio.get_running_loop()
+            await sender.send("single", {"type": "first"})
+            with pytest.raises(ChannelFull):
+                await sender.send("single", {"type": "second"})
+            assert await receiver.receive("single", timeout=5) == {"type": "first"}
+            deadline = loop.time() + 10
+            while True:
+                try:
+                    await sender.send("single", {"type": "second"})
+                    break
+                except ChannelFull:
+                    assert loop.time() < deadline, "the taken message was never acknowledged"
+                    await asyncio.sleep(0.01)
+            assert await receiver.receive("single", timeout=5) == {"type": "second"}
 
     asyncio.run(main())

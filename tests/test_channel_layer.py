@@ -18,7 +18,7 @@ from channels.layers import BaseChannelLayer
 
 from clients import BusError, LimitExceeded
 from clients.channel_layer import BusChannelLayer
-from layer_helpers import layer_factory, nothing_on, receive, run  # noqa: F401 (fixture)
+from layer_helpers import RECEIVE_SECONDS, layer_factory, nothing_on, receive, run  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,6 +167,24 @@ def test_send_to_a_full_channel_raises_channel_full(layer_factory, kind):
 
 @pytest.mark.parametrize("kind", ["normal", "specific"])
 def test_receiving_a_message_from_a_full_channel_makes_room_for_another(layer_factory, kind):
+    layer = layer_factory(capacity=3)  # (one layer, as in a Channels process: one client)
+
+    async def main():
+        channel = "full-up" if kind == "normal" else await layer.new_channel()
+        for n in range(3):
+            await layer.send(channel, {"type": "fill", "n": n})
+        assert (await receive(layer, channel))["n"] == 0
+        # The acknowledgement goes before anything the client sends next: room for exactly 1.
+        await layer.send(channel, {"type": "fill", "n": 3})
+        with pytest.raises(ChannelFull):
+            await layer.send(channel, {"type": "fill", "n": 4})
+        return [(await receive(layer, channel))["n"] for _ in range(3)]
+
+    assert run(main()) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["normal", "specific"])
+def test_a_message_taken_by_a_receiver_that_then_does_nothing_still_makes_room(layer_factory, kind):
     sender, receiver = layer_factory(capacity=3), layer_factory(capacity=3)
 
     async def main():
@@ -174,7 +192,16 @@ def test_receiving_a_message_from_a_full_channel_makes_room_for_another(layer_fa
         for n in range(3):
             await sender.send(channel, {"type": "fill", "n": n})
         assert (await receive(receiver, channel))["n"] == 0
-        await sender.send(channel, {"type": "fill", "n": 3})  # the channel holds 2: room for 1
+        # The receiver sends and waits for nothing more: its acknowledgement leaves on its own
+        # (within ACK_DELAY), and then the other client finds room for exactly one message.
+        deadline = asyncio.get_running_loop().time() + RECEIVE_SECONDS
+        while True:
+            try:
+                await sender.send(channel, {"type": "fill", "n": 3})
+                break
+            except ChannelFull:
+                assert asyncio.get_running_loop().time() < deadline, "the taken message never made room"
+                await asyncio.sleep(0.01)
         with pytest.raises(ChannelFull):
             await sender.send(channel, {"type": "fill", "n": 4})
         return [(await receive(receiver, channel))["n"] for _ in range(3)]
