@@ -20,12 +20,11 @@ from urllib.parse import urlsplit
 import zmq
 
 from .config import BrokerConfig
-from .zio import NOBLOCK, recv_frames, send_frames
+from .zio import NOBLOCK, readable, recv_frames, send_frames
 from .routing import Router
 
 log = logging.getLogger("channelbus.broker")
 
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 TICK_SECONDS = 0.1
 BATCH = 256  # messages read per socket per poll, so one busy client cannot starve the timer
 SNDHWM = 100_000
@@ -157,7 +156,7 @@ class BrokerServer:
                 out = router.handle(frames[0], frames[1:], now)
                 if out:  # (a POST's delivery waits for the end of the batch: usually nothing)
                     self._send(out, now)
-                if count == BATCH or not sock.get(_EVENTS) & _POLLIN:
+                if count == BATCH or not readable(sock):
                     break  # (not reading a message this batch would not handle)
                 frames = recv_frames(sock)
         finally:

@@ -3,7 +3,8 @@
 pyzmq's ``send_multipart`` and ``recv_multipart`` combine flag enums on every frame, and its
 ``get(RCVMORE)`` turns the option into an enum each call: each costs more than the ZeroMQ call
 itself. These use plain ints, and each received part as a Frame that knows whether more follow.
-Used by the broker and both clients (they import only zmq).
+``readable`` asks whether a message waits without that enum. Used by the broker and both
+clients (they import only zmq).
 """
 
 from __future__ import annotations
@@ -12,8 +13,23 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _Socket = zmq.backend.Socket
 _SEND = _Socket.send
+_poll = zmq.zmq_poll
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether ``sock`` holds a message to receive now (never waits).
+
+    The same question as ``sock.get(zmq.EVENTS) & zmq.POLLIN``, asked through ``zmq_poll``:
+    pyzmq's ``get`` turns the option into an enum on every call, which costs more than ZeroMQ's
+    answer (about 1.0 against 1.7 us). Like EVENTS, it also takes in the socket's pending news,
+    which an edge-triggered FD then no longer reports.
+    """
+    if isinstance(sock, _Socket):
+        return bool(_poll([(sock, _POLLIN)], 0))
+    return bool(sock.get(_EVENTS) & _POLLIN)  # (a stand-in socket in a test)
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = NOBLOCK) -> None:

@@ -25,7 +25,7 @@ import time
 
 import zmq
 
-from broker.zio import recv_frames, send_frames
+from broker.zio import readable, recv_frames, send_frames
 
 from .core import ClientCore
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
@@ -36,7 +36,6 @@ from .sync import DEFAULT_URL
 DRAIN_BATCH = 512
 BURST_GAP = 50e-6  # a send this soon after the last one is part of a burst: collected, not sent alone
 ACK_DELAY = 0.002  # the longest a taken message waits for its ACK to ride on something else
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 log = logging.getLogger("channelbus.client")
 
 
@@ -98,7 +97,7 @@ class AsyncClient(Link, FrontDoor):
             self._schedule_drain()  # a burst: the POSTs of this loop iteration go as one message
         else:
             self._flush_outgoing()  # a lone send goes at once (and carries the acks due)
-        if self._core.refilling and self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self._core.refilling and readable(self._dealer):
             self._drain()  # take in grants now: a sender that never yields still gets them
         if self._release_timer is None:
             self._arm_release_timer()
@@ -287,7 +286,7 @@ class AsyncClient(Link, FrontDoor):
         their firing, so look at the DEALER now, and drain only if something waits (or the SUB
         was touched). Cheaper than a drain after every send."""
         self._last_sent = time.monotonic()
-        if not self._drain_scheduled and (self._sub_unread or self._dealer.get(_EVENTS) & _POLLIN):
+        if not self._drain_scheduled and (self._sub_unread or readable(self._dealer)):
             self._schedule_drain()  # (a drain already scheduled looks at both itself)
 
     def _ack_due(self) -> None:
@@ -323,7 +322,7 @@ class AsyncClient(Link, FrontDoor):
     def _read(self, sock: zmq.Socket, digest) -> bool:
         """Digest what ``sock`` holds, up to DRAIN_BATCH messages; True if it may hold more."""
         count, more = 0, False
-        while sock.get(_EVENTS) & _POLLIN:  # (cheaper than catching zmq.Again)
+        while readable(sock):  # (cheaper than catching zmq.Again)
             if count == DRAIN_BATCH:
                 more = True
                 break

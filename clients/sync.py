@@ -12,7 +12,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.protocol.names import CONTROL_TOPIC
-from broker.zio import recv_frames, send_frames
+from broker.zio import readable, recv_frames, send_frames
 
 from .core import ClientCore
 from .frontdoor import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, FrontDoor, publisher_url
@@ -115,7 +115,7 @@ class Client(FrontDoor):
             self._go_offline()
             self._call(*self._core.send(channel, message, time.monotonic()))
             return
-        if self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if readable(self._dealer):
             self._io(0)  # take in grants that arrived, so the reservation stays topped up
         else:
             self._flush_outgoing()
@@ -242,7 +242,7 @@ class Client(FrontDoor):
         """Take in what came while the application was not calling us: link events (e.g. the
         broker restarted meanwhile), so nothing is sent to a broker before HELLO, and the
         broker's news (a RECALL: the slots it revoked must not be posted into)."""
-        if not self._closed and (self._monitor.get(zmq.EVENTS) | self._dealer.get(zmq.EVENTS)) & zmq.POLLIN:
+        if not self._closed and (readable(self._monitor) or readable(self._dealer)):
             self._io(0)
 
     def _call(self, rid: int, frames: list[bytes]) -> dict:

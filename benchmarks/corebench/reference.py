@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
-from broker.zio import recv_frames, send_frames
+from broker.zio import readable, recv_frames, send_frames
 
 from .common import (
     Arrivals, HOST, RECV_POLL_MS, REF_RECEIVER, REF_SENDER, RoundTrips, emit, payload_template, wait_word,
@@ -148,7 +148,7 @@ class AsyncDealer:
         import zmq
 
         self.ctx, self.sock = _ref_dealer(endpoint, identity)  # registered before the loop runs
-        self._events, self._pollin, self._pollout = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
+        self._events, self._pollout = int(zmq.EVENTS), int(zmq.POLLOUT)
         self._again = zmq.Again
         self._loop = asyncio.get_running_loop()
         self._fd = self.sock.getsockopt(zmq.FD)
@@ -161,7 +161,7 @@ class AsyncDealer:
         sock, inbox = self.sock, self._inbox
         if sock.closed:  # (a wake scheduled by the last send)
             return
-        while sock.get(self._events) & self._pollin:
+        while readable(sock):  # (the check the bus uses)
             inbox.append(recv_frames(sock))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -182,7 +182,7 @@ class AsyncDealer:
                 while not self.sock.get(self._events) & self._pollout:
                     self._waiter = self._loop.create_future()
                     await self._waiter
-        if self.sock.get(self._events) & self._pollin:  # (a send may take in the FD's news
+        if readable(self.sock):  # (a send may take in the FD's news
             self._loop.call_soon(self._wake)  # without its firing: look, as the bus client does)
 
     def close(self) -> None:
