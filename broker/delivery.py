@@ -156,19 +156,34 @@ class Delivery:
             self.gc(name)
         return grant
 
-    def post(self, peer: Peer, name: str, body: bytes, expires_at: float, revoked: bool = True) -> bool:
-        """Queue ``body`` into a slot ``peer`` reserved (or, with ``revoked``, one revoked from
-        it: a POST into it was on its way); False if it holds none."""
-        if _take(peer.reserved, name, 1):
+    def post(self, peer: Peer, name: str, bodies, expires_at: float, revoked: bool = True) -> int:
+        """Queue ``bodies``, in order, into slots ``peer`` reserved (and, with ``revoked``, ones
+        revoked from it: POSTs into them were on their way); return how many were queued
+        (fewer than all when it holds fewer slots)."""
+        n = len(bodies)
+        held = peer.reserved.get(name, 0)
+        if held >= n:  # (the usual case: a POST within its sender's slots)
+            if held == n:
+                del peer.reserved[name]
+            else:
+                peer.reserved[name] = held - n
             inbox = self.inboxes[name]
-            inbox.reserved -= 1
-        elif revoked and _take(peer.revoked, name, 1):
-            inbox = self.inbox(name)
+            inbox.reserved -= n
         else:
-            return False
-        inbox.add(body, expires_at)
-        self.bytes_held += len(body) + ITEM_OVERHEAD
-        return True
+            taken = _take(peer.reserved, name, n)
+            if taken:
+                self.inboxes[name].reserved -= taken
+            if revoked:
+                taken += _take(peer.revoked, name, n - taken)
+            if not taken:
+                return 0
+            inbox = self.inbox(name)
+            n = taken
+        add = inbox.add
+        for body in bodies[:n] if n < len(bodies) else bodies:
+            add(body, expires_at)
+            self.bytes_held += len(body) + ITEM_OVERHEAD
+        return n
 
     def release(self, peer: Peer, name: str, n: int) -> None:
         """Give back ``n`` of ``peer``'s slots on ``name`` (0: all of them, revoked ones too)."""
@@ -214,9 +229,12 @@ class Delivery:
 
     # -- credit and acknowledgements ------------------------------------------------------
 
-    def credit(self, peer: Peer, name: str, n: int, now: float) -> list[Out]:
+    def credit(self, peer: Peer, name: str, n: int, now: float, inbox: Inbox | None = None) -> list[Out]:
+        """``peer`` takes ``n`` more of normal channel ``name``'s messages (``inbox``, if the
+        caller holds it already)."""
         peer.credits[name] = min(MAX_CREDIT, peer.credits.get(name, 0) + n)
-        inbox = self.inbox(name)
+        if inbox is None:
+            inbox = self.inbox(name)
         if peer.rid not in inbox.ready:
             inbox.ready.append(peer.rid)
         return self.kick(name, now) if inbox.queue else []  # (what comes later kicks itself)
@@ -237,7 +255,7 @@ class Delivery:
         inbox = self.inboxes[name]
         inbox.inflight -= n
         if inbox.owner is None:
-            return self.credit(peer, name, n, now)
+            return self.credit(peer, name, n, now, inbox)
         self.gc(name)
         return []
 

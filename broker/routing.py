@@ -233,6 +233,14 @@ class Router(GroupRouting, RecallWaits):
                 name="expiry", limit=lim.max_expiry,
             )
 
+    def _bodies_fit(self, bodies) -> bool:
+        """Whether every body passes ``_check_body`` (a quick yes for the usual POST)."""
+        limit, is_map = self.limits.max_message_size, wire.body_is_map
+        for body in bodies:
+            if len(body) > limit or not is_map(body):
+                return False
+        return True
+
     def _check_body(self, body: bytes) -> None:
         if len(body) > self.limits.max_message_size:
             self.stats["too_large"] += 1
@@ -301,7 +309,7 @@ class Router(GroupRouting, RecallWaits):
         ):
             # A sender whose own slots are what fills the channel (its grant crossed this SEND)
             # uses one of them; otherwise others' slots may be recalled.
-            if not delivery.post(peer, cmd.channel, cmd.body, now + cmd.expiry, revoked=False):
+            if not delivery.post(peer, cmd.channel, (cmd.body,), now + cmd.expiry, revoked=False):
                 return self._recall_or_refuse(peer, cmd, now)
         self.stats["received"] += 1
         reply = wire.ok(cmd.id)
@@ -325,22 +333,21 @@ class Router(GroupRouting, RecallWaits):
         """A POST's work, from its command or from its frames (``handle``'s fast path)."""
         # What the acks release and the bodies queued before a refusal are delivered all the
         # same: the refusal is returned with them rather than raised over them.
-        out = self._take_acks(peer, acks, now) if acks else []
-        try:
-            self._check_settings(1, expiry)
-            for body in bodies:
-                self._check_body(body)
-        except ProtocolError as err:
-            return out + self._refuse(peer.rid, None, err, now)
-        expires_at = now + expiry
-        queued = 0
-        for body in bodies:
-            if not self.delivery.post(peer, channel, body, expires_at):
-                break
-            queued += 1
+        out: list[Out] = []
+        delivery = self.delivery
+        for name, n in acks:
+            out += delivery.ack(peer, name, n, now)
+        if expiry > self.limits.max_expiry or not self._bodies_fit(bodies):
+            try:  # (something is wrong: find what, for the refusal)
+                self._check_settings(1, expiry)
+                for body in bodies:
+                    self._check_body(body)
+            except ProtocolError as err:
+                return out + self._refuse(peer.rid, None, err, now)
+        queued = delivery.post(peer, channel, bodies, now + expiry)
         self.stats["received"] += queued
         if queued:
-            out += self.delivery.kick(channel, now)
+            out += delivery.kick(channel, now)
         if queued < len(bodies):
             err = ProtocolError(
                 "no-reservation",

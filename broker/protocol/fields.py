@@ -12,6 +12,7 @@ from .errors import ProtocolError, echo
 VERSION = 1
 MAX_HEADER_SIZE = 64 * 1024
 MAX_INT = 2**63 - 1
+_unpackb = msgpack.unpackb
 
 
 def pack(header: dict) -> bytes:
@@ -33,10 +34,10 @@ def unpack_header(frame: bytes) -> dict:
             size=len(frame), limit=MAX_HEADER_SIZE,
         )
     try:
-        header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        header = _unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("bad-header", f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:  # (msgpack builds plain dicts)
         raise ProtocolError("bad-header", f"header must be a msgpack map, got {type(header).__name__}")
     for key in header:  # (a loop: no generator to set up for the few keys of a header)
         if type(key) is not str:

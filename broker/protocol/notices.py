@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from .errors import ProtocolError
 from .fields import (
-    Command, check_int, field_value, int_field, no_body, pack, seconds_field, unpack_header, verb_frame,
+    MAX_INT, Command, check_int, field_value, int_field, no_body, pack, seconds_field, unpack_header,
+    verb_frame,
 )
 from .names import check_channel, check_group
 
@@ -155,7 +156,10 @@ class Post(Command):
                 acks = ()
             elif type(acks) is dict:
                 acks = tuple(acks.items())
-                _check_counts(acks, low=1)
+                for name, n in acks:  # (as _check_counts(acks, low=1), without raising for n)
+                    check_channel(name)
+                    if type(n) is not int or not 1 <= n <= MAX_INT:
+                        return None
             else:
                 return None
         except ProtocolError:
