@@ -413,11 +413,14 @@ class AsyncClient(Link, FrontDoor):
             self._release_timer = self._loop.call_later(delay, self._arm_release_timer)
 
     def _flush_outgoing(self) -> None:
-        if self._core.posts:
+        core = self._core
+        if not (core.posts or core.pending_acks or core.outgoing):
+            return  # (nothing waits: the usual case when a receive() is about to wait)
+        if core.posts:
             self._send_posts()  # first: a RELEASE behind them must not overtake them
-        self._core.flush_acks()  # acks of what was taken go before anything sent after it
+        core.flush_acks()  # acks of what was taken go before anything sent after it
         sent = False
-        for kind, item in self._core.take_outgoing():
+        for kind, item in core.take_outgoing():
             if kind == "dealer":
                 try:
                     send_frames(self._dealer, item)

@@ -104,6 +104,8 @@ class Inbound:
 
     def start_receiving(self, channel: str) -> None:
         """Check the name; grant the broker credit for a normal channel the first time."""
+        if channel in self.credited:  # (checked, and credited, the first time)
+            return
         try:
             check_channel(channel)
         except ProtocolError as err:
@@ -115,7 +117,7 @@ class Inbound:
                     f"{channel!r} is process-specific and belongs to client {owner!r}; only that"
                     f" client can receive from it (this is {self.client_id!r})", name=channel,
                 )
-        elif channel not in self.credited:
+        else:
             self.credited.add(channel)
             self.outgoing.append(("dealer", wire.Credit(channel, self.receive_window).frames()))
 
