@@ -38,6 +38,7 @@ MAX_CREDIT = 100_000
 ITEM_OVERHEAD = 64  # bytes counted per queued message on top of its body (tuple, deque slot)
 BLOCKED_RETRY = 0.05  # seconds before retrying a peer whose socket queue was full
 PUB = None  # Out.dest for the publisher socket
+_MSG = wire.MSG
 
 
 class Out(NamedTuple):
@@ -290,16 +291,18 @@ class Delivery:
         if peer.blocked_until > now:
             self.stalled.add(name)
             return []
-        items, ttls = [], []
+        items, ttls, bodies = [], [], []
         queue = inbox.queue
         while queue and len(items) < n:
             item = queue.popleft()
-            if item[1] <= now:
-                self.bytes_held -= len(item[0]) + ITEM_OVERHEAD
+            body, expires_at = item
+            if expires_at <= now:
+                self.bytes_held -= len(body) + ITEM_OVERHEAD
                 self.stats["expired"] += 1
                 continue
             items.append(item)
-            ttls.append(max(1, int((item[1] - now) * 1000)))
+            bodies.append(body)
+            ttls.append(max(1, int((expires_at - now) * 1000)))
         if not items:
             return []
         inbox.inflight += len(items)
@@ -309,7 +312,7 @@ class Delivery:
         unacked.extend(items)  # kept (and counted in bytes_held) until acknowledged
         self.stats["delivered"] += len(items)
         header = self._pack({"ch": name, "ttl": ttls, "at": now + self.wall_offset})
-        return [Out(peer.rid, [wire.MSG, header, *[item[0] for item in items]], (name, items))]
+        return [Out(peer.rid, [_MSG, header, *bodies], (name, items))]
 
     def unsent(self, rid: bytes, push: tuple[str, list], now: float) -> Peer | None:
         """A MSG could not be sent: requeue its items at the front; return the peer, if known."""
