@@ -221,10 +221,11 @@ class AsyncClient(Link, FrontDoor):
     # -- I/O ------------------------------------------------------------------------------
 
     def _connected_here(self) -> bool:
-        """Connected, and called from this client's loop: then ``connect()`` has nothing to do,
-        and the per-message calls skip awaiting it (another loop still gets its RuntimeError)."""
+        """Connected, not closed, and called from this client's loop: then ``connect()`` has
+        nothing to do, and the per-message calls skip awaiting it (which raises the RuntimeError
+        of another loop, or the BusError of a closed client)."""
         connecting = self._connecting
-        return (connecting is not None and connecting.done()
+        return (connecting is not None and connecting.done() and not self._closed
                 and asyncio.get_running_loop() is self._loop)
 
     def _check_loop(self) -> None:

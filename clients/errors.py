@@ -2,7 +2,7 @@
 
 ::
 
-    BusError                      root of everything the bus raises
+    BusError                      root of everything the bus raises (itself: a call on a closed client)
     ├── ChannelFull               send() to a channel that holds `capacity` messages
     ├── InvalidName (ValueError)  a channel or group name breaks the naming rules
     ├── MessageTooLarge           the serialised message exceeds the broker's limit

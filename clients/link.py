@@ -109,14 +109,15 @@ class Link:
     # -- opening and closing --------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the sockets and say HELLO (idempotent). Raises BrokerUnavailable, LimitExceeded."""
+        """Open the sockets and say HELLO (idempotent). Raises BrokerUnavailable, LimitExceeded,
+        and BusError once the client is closed."""
+        if self._closed:
+            raise BusError("the client is closed")
         if self._loop is not None:
             self._check_loop()
             if self._connecting is not None and not self._connecting.done():
                 await asyncio.shield(self._connecting)  # (a failed connect resets _loop to None)
             return
-        if self._closed:
-            raise BusError("the client is closed")
         self._loop = asyncio.get_running_loop()
         self._deadlines = Deadlines(self._loop)
         self._connecting = self._loop.create_future()

@@ -143,6 +143,8 @@ class Client(FrontDoor):
         """The next message of ``channel``; waits up to ``timeout`` seconds (forever if None).
 
         Raises ReceiveTimeout when nothing came in time."""
+        if self._closed:
+            raise BusError("the client is closed")
         core = self._core
         core.start_receiving(channel)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -163,6 +165,8 @@ class Client(FrontDoor):
 
     def group_add(self, group: str, channel: str) -> None:
         """Add ``channel`` to ``group``; on return every later group_send reaches it."""
+        if self._closed:
+            raise BusError("the client is closed")
         core = self._core
         rid, frames = core.group_add(group, channel)
         self._flush_outgoing()  # the subscription goes out before the request

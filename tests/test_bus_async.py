@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import bus_workers as w
-from clients import AsyncClient, ChannelFull, Client, ReceiveTimeout
+from clients import AsyncClient, BusError, ChannelFull, Client, ReceiveTimeout
 
 
 async def settle() -> None:
@@ -254,3 +254,35 @@ def test_a_taken_message_is_acknowledged_even_when_the_receiver_then_does_nothin
             assert await receiver.receive("single", timeout=5) == {"type": "second"}
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_every_call_on_a_closed_client_says_it_is_closed_and_sends_nothing(broker):
+    """Not a silent loss (a send into a reserved slot used to return as if sent) nor a ZeroMQ
+    error about a closed socket: a BusError that says what is wrong, for both clients."""
+    async def main():
+        async with AsyncClient(broker.url) as observer:
+            client = AsyncClient(broker.url)
+            for n in range(3):  # (the later sends go into reserved slots, as POSTs)
+                await client.send("closed.channel", {"type": "before", "n": n})
+            await client.close()
+            calls = [client.send("closed.channel", {"type": "after"}), client.receive("closed.channel", timeout=1),
+                     client.group_send("room", {"type": "after"}), client.group_add("room", "closed.channel"),
+                     client.ping(), client.connect()]
+            for call in calls:
+                with pytest.raises(BusError, match="the client is closed"):
+                    await call
+            await client.close()  # (closing twice is fine)
+            got = [(await observer.receive("closed.channel", timeout=5))["n"] for _ in range(3)]
+            with pytest.raises(ReceiveTimeout):
+                await observer.receive("closed.channel", timeout=0.3)
+            return got
+
+    assert asyncio.run(main()) == [0, 1, 2]
+    with Client(broker.url) as client:
+        client.send("closed.sync", {"type": "before"})
+    for call in (lambda: client.send("closed.sync", {"type": "after"}), lambda: client.receive("closed.sync", timeout=1),
+                 lambda: client.group_send("room", {"type": "after"}), lambda: client.group_add("room", "closed.sync"),
+                 client.ping):
+        with pytest.raises(BusError, match="the client is closed"):
+            call()
