@@ -415,10 +415,11 @@ class AsyncClient(Link, FrontDoor):
 
     def _flush_outgoing(self) -> None:
         core = self._core
-        if not (core.posts or core.pending_acks or core.outgoing):
-            return  # (nothing waits: the usual case when a receive() is about to wait)
         if core.posts:
-            self._send_posts()  # first: a RELEASE behind them must not overtake them
+            self._send_posts()  # first: a RELEASE behind them must not overtake them (their
+            # POST carries the acks due)
+        if not (core.pending_acks or core.outgoing):
+            return  # (nothing else waits: the usual case)
         core.flush_acks()  # acks of what was taken go before anything sent after it
         sent = False
         for kind, item in core.take_outgoing():
