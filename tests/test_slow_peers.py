@@ -284,8 +284,10 @@ class QueuedRouterSocket:
     """Stands in for the broker's ROUTER socket: hands out queued messages, keeps what is sent."""
 
     def __init__(self, messages: list[list[bytes]]) -> None:
-        self.frames = [(frame, index < len(m) - 1) for m in messages for index, frame in enumerate(m)]
-        self.sent: list[bytes] = []
+        self.frames: list[tuple[bytes, bool]] = []
+        self.queue(messages)
+        self.sent: list[bytes] = []  # every frame sent, and the same as whole messages:
+        self.parts, self.messages = [], []
 
     def recv(self, flags: int = 0, copy: bool = True):
         if not self.frames:
@@ -299,6 +301,16 @@ class QueuedRouterSocket:
 
     def send(self, frame: bytes, flags: int = 0) -> None:
         self.sent.append(frame)
+        self.parts.append(frame)
+        if not flags & zmq.SNDMORE:
+            self.messages.append(self.parts)
+            self.parts = []
+
+    parts: list[bytes]
+    messages: list[list[bytes]]
+
+    def queue(self, messages: list[list[bytes]]) -> None:
+        self.frames += [(frame, index < len(m) - 1) for m in messages for index, frame in enumerate(m)]
 
 
 def test_a_burst_longer_than_the_brokers_read_batch_loses_no_message():
@@ -312,3 +324,35 @@ def test_a_burst_longer_than_the_brokers_read_batch_loses_no_message():
         server._read_commands(recv_frames(sock))
     replies = [frame for frame in sock.sent if frame not in (b"peer", wire.OK)]
     assert sorted(msgpack.unpackb(reply)["id"] for reply in replies) == list(range(1, 3 * BATCH + 7))
+
+
+def test_a_command_after_a_pause_is_pushed_alone_and_a_burst_as_one_msg():
+    """After a pause the broker pushes what a command brought without asking whether more wait
+    (what waits comes in the next batch); while busy it reads the burst first and pushes it as
+    one MSG. (The pause is set through the time the last batch ended, not waited for.)"""
+    body = [msgpack.packb({"type": "job", "n": n}) for n in range(5)]
+    sock = QueuedRouterSocket([
+        [b"taker", *wire.Hello(1, "taker001").frames()], [b"taker", *wire.Credit("jobs", 100).frames()],
+        [b"giver", *wire.Hello(1, "giver001").frames()],
+        [b"giver", *wire.Send(2, "jobs", 100, 60.0, body[0], want=10).frames()],  # reserves slots
+    ])
+    server = BrokerServer(BrokerConfig())
+    server.router, server._commands = Router(), sock
+    while sock.frames:
+        server._read_commands(recv_frames(sock))
+
+    def pushed() -> list[list[bytes]]:
+        msgs = [m[3:] for m in sock.messages if m[0] == b"taker" and m[1] == wire.MSG]
+        sock.messages.clear()
+        return msgs
+
+    assert pushed() == [[body[0]]]
+    sock.queue([[b"giver", *wire.Post("jobs", 60.0, (b,)).frames()] for b in body[1:]])
+    server._idle_since = float("-inf")  # a long pause: one command, pushed at once
+    server._read_commands(recv_frames(sock))
+    assert pushed() == [[body[1]]]
+    assert len(sock.frames) == 3 * 4  # the other three POSTs (4 frames each) still wait in the socket
+    server._idle_since = float("inf")  # busy: the batch reads what waits, then pushes once
+    server._read_commands(recv_frames(sock))
+    assert pushed() == [body[2:]]
+    assert not sock.frames
