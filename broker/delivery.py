@@ -265,32 +265,37 @@ class Delivery:
     def pump(self, name: str, inbox: Inbox, now: float) -> list[Out]:
         """Push what ``name`` has queued to whoever may take it."""
         out: list[Out] = []
-        owner = inbox.owner
+        queue, owner = inbox.queue, inbox.owner
         if owner is not None:
             rid = self.by_client.get(owner)
-            if rid is not None and inbox.queue:
-                out += self._push(self.peers[rid], name, inbox, len(inbox.queue), now)
+            if rid is not None and queue:
+                pushed = self._push(self.peers[rid], name, inbox, len(queue), now)
+                if pushed is not None:
+                    out.append(pushed)
             return out
-        while inbox.queue and inbox.ready:
-            rid = inbox.ready.popleft()
-            peer = self.peers.get(rid)
+        ready, peers = inbox.ready, self.peers
+        while queue and ready:
+            rid = ready.popleft()
+            peer = peers.get(rid)
             credit = peer.credits.get(name, 0) if peer else 0
             if credit <= 0:
-                continue
+                continue  # (off the ready list until its credit comes back)
             pushed = self._push(peer, name, inbox, credit, now)
-            out += pushed
-            if pushed:
-                peer.credits[name] = credit - len(pushed[0].push[1])
-            if peer.credits.get(name, 0) > 0:
-                inbox.ready.append(rid)
-            if not pushed:
+            if pushed is None:  # (blocked, or all it found had expired)
+                ready.append(rid)
                 break
+            out.append(pushed)
+            credit -= len(pushed.push[1])
+            peer.credits[name] = credit
+            if credit > 0:
+                ready.append(rid)
         return out
 
-    def _push(self, peer: Peer, name: str, inbox: Inbox, n: int, now: float) -> list[Out]:
+    def _push(self, peer: Peer, name: str, inbox: Inbox, n: int, now: float) -> Out | None:
+        """Move up to ``n`` live messages from ``inbox`` to ``peer``: the MSG to send, or None."""
         if peer.blocked_until > now:
             self.stalled.add(name)
-            return []
+            return None
         items, ttls, bodies = [], [], []
         queue = inbox.queue
         while queue and len(items) < n:
@@ -302,9 +307,9 @@ class Delivery:
                 continue
             items.append(item)
             bodies.append(body)
-            ttls.append(max(1, int((expires_at - now) * 1000)))
+            ttls.append(int((expires_at - now) * 1000) or 1)  # (at least 1 ms: it is live)
         if not items:
-            return []
+            return None
         inbox.inflight += len(items)
         unacked = peer.unacked.get(name)
         if unacked is None:
@@ -312,7 +317,7 @@ class Delivery:
         unacked.extend(items)  # kept (and counted in bytes_held) until acknowledged
         self.stats["delivered"] += len(items)
         header = self._pack({"ch": name, "ttl": ttls, "at": now + self.wall_offset})
-        return [Out(peer.rid, [_MSG, header, *bodies], (name, items))]
+        return Out(peer.rid, [_MSG, header, *bodies], (name, items))
 
     def unsent(self, rid: bytes, push: tuple[str, list], now: float) -> Peer | None:
         """A MSG could not be sent: requeue its items at the front; return the peer, if known."""

@@ -114,10 +114,10 @@ class BrokerServer:
             while not self._stop.is_set():
                 # A blocking receive (with a timeout up to the next tick) wakes faster than a
                 # poll over both sockets; the publisher's subscription notices wait for the tick.
-                # (Set again only when the timeout would oversleep the tick or is 10 ms short of
-                # it, not at every message: waking a little early costs one empty turn.)
+                # (Set again only when it is 10 ms off, not at every message: the tick may come
+                # up to 10 ms late, or a turn early and empty.)
                 timeout = max(1, int((next_tick - time.monotonic()) * 1000))
-                if wait_ms is None or timeout < wait_ms or timeout > wait_ms + 10:
+                if wait_ms is None or abs(timeout - wait_ms) > 10:
                     commands.setsockopt(zmq.RCVTIMEO, timeout)
                     wait_ms = timeout
                 try:

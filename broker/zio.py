@@ -34,12 +34,13 @@ def readable(sock: zmq.Socket) -> bool:
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = NOBLOCK) -> None:
     """Send ``frames`` as one message; raises zmq.Again (nothing sent) when it cannot now."""
-    last = len(frames) - 1
     # A ZeroMQ socket's own send, below pyzmq's Python-level one (which only adds the DRAFT
     # routing_id and group arguments): the same call, a microsecond less per message.
     send = _SEND if isinstance(sock, _Socket) else type(sock).send
-    for index, frame in enumerate(frames):
-        send(sock, frame, flags | _SNDMORE if index < last else flags)
+    more = flags | _SNDMORE
+    for frame in frames[:-1]:
+        send(sock, frame, more)
+    send(sock, frames[-1], flags)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
