@@ -62,6 +62,7 @@ class AsyncClient(Link, FrontDoor):
         self._release_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._connecting: asyncio.Future | None = None
+        self._ready_loop: asyncio.AbstractEventLoop | None = None  # connected and open: its loop
         self._online = False  # said HELLO on the current connection and heard back
         self._link_waiters: list[asyncio.Future] = []  # requests waiting for the link
         self._listeners: list = []
@@ -129,9 +130,10 @@ class AsyncClient(Link, FrontDoor):
             await self.connect()
         core = self._core
         core.start_receiving(channel)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
         while True:
-            message = core.pop(channel, time.monotonic(), defer_ack=True)
+            message = core.pop(channel, now, defer_ack=True)
             if message is not None:
                 if self._ack_timer is None:
                     self._ack_timer = self._loop.call_later(ACK_DELAY, self._ack_due)
@@ -145,6 +147,7 @@ class AsyncClient(Link, FrontDoor):
                                      channel=channel, timeout=timeout) from None
             finally:
                 self._unwatch(channel, future, deadline)
+            now = time.monotonic()
 
     def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name owned by this client (no round trip)."""
@@ -215,6 +218,7 @@ class AsyncClient(Link, FrontDoor):
             except BusError:
                 pass
         self._closed = True
+        self._ready_loop = None
         if self._loop is not None:
             self._teardown(BusError("the client was closed"), goodbye=True)
 
@@ -224,9 +228,7 @@ class AsyncClient(Link, FrontDoor):
         """Connected, not closed, and called from this client's loop: then ``connect()`` has
         nothing to do, and the per-message calls skip awaiting it (which raises the RuntimeError
         of another loop, or the BusError of a closed client)."""
-        connecting = self._connecting
-        return (connecting is not None and connecting.done() and not self._closed
-                and asyncio.get_running_loop() is self._loop)
+        return asyncio.get_running_loop() is self._ready_loop
 
     def _check_loop(self) -> None:
         if asyncio.get_running_loop() is not self._loop:
@@ -316,7 +318,8 @@ class AsyncClient(Link, FrontDoor):
             more = more or self._sub_unread
         if core.outgoing or core.posts or core.pending_acks:
             self._flush_outgoing()  # (whose sends look again at the FDs: see _after_send)
-        self._arm_sync_timer()
+        if core.groups.awaiting or self._sync_timer is not None:
+            self._arm_sync_timer()
         if more:
             self._schedule_drain()
 

@@ -91,14 +91,14 @@ class Inbound:
         for group, channel, ttl in self.groups.replay(now, self.group_expiry):
             self._notice(wire.GroupAdd, group=group, channel=channel, group_expiry=ttl)
 
-    def _deadline(self, header: dict, ttl_ms: int, now: float, wall: float | None) -> float:
-        """Local monotonic deadline of a message: its ttl, less the time since the broker sent
-        it (by the broker's clock, as synchronised at HELLO), so time spent unread in this
-        process's socket counts too."""
-        waited = 0.0
-        if wall is not None and "at" in header:
-            waited = max(0.0, wall + self.clock_offset - header["at"])
-        return now + ttl_ms / 1000.0 - waited
+    def _sent_at(self, header: dict, now: float, wall: float | None) -> float:
+        """When (local monotonic time) the broker sent what ``header`` heads, by its clock as
+        synchronised at HELLO: a message's ttl counts from then, so time spent unread in this
+        process's socket counts too. (``now`` when the header has no time, or the clocks
+        disagree in the message's favour.)"""
+        if wall is None or "at" not in header:
+            return now
+        return now - max(0.0, wall + self.clock_offset - header["at"])
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -171,8 +171,9 @@ class Inbound:
             queue = self.queues.get(channel)
             if queue is None:
                 queue = self.queues[channel] = deque()
+            sent = self._sent_at(header, now, wall)
             for body, ttl in zip(frames[2:], header["ttl"]):
-                queue.append((body, self._deadline(header, ttl, now, wall), True))
+                queue.append((body, sent + ttl / 1000.0, True))
             return [("arrived", channel)]
         if verb == wire.HB:
             return [("heartbeat", header.get("instance", ""))]
@@ -237,7 +238,7 @@ class Inbound:
         members = self.groups.members.get(group)
         if not members:
             return []
-        deadline = self._deadline(header, header["ttl"], now, wall)
+        deadline = self._sent_at(header, now, wall) + header["ttl"] / 1000.0
         patterns = header.get("ccap") or ()
         default = header.get("cap", self.capacity)
         arrived = []

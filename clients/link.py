@@ -124,6 +124,8 @@ class Link:
         try:
             await self._open()
             self._connecting.set_result(None)
+            if not self._closed:  # (closed while connecting: it stays unusable)
+                self._ready_loop = self._loop
         except BaseException as exc:
             self._connecting.set_exception(exc)
             self._connecting.exception()  # mark retrieved
