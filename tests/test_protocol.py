@@ -232,6 +232,18 @@ def test_the_brokers_fast_path_takes_exactly_the_posts_decode_accepts_with_the_s
         assert parts is None  # (the broker then decodes it, and replies with decode's error)
         return
     assert parts == (command.channel, command.expiry, list(command.bodies), command.acks)
+    assert wire.Post.parts(frames) == parts  # the second time (a remembered header): the same
+
+
+def test_the_fast_path_remembers_a_bounded_number_of_headers_and_never_a_bad_one():
+    from broker.protocol import notices
+
+    notices._post_headers.clear()
+    assert wire.Post.parts(_post_frames({"ch": "tasks", "exp": 0})) is None
+    assert not notices._post_headers
+    for n in range(notices._POST_HEADERS_MAX + 10):
+        assert wire.Post.parts(_post_frames({"ch": f"tasks.{n}", "exp": 60}))[0] == f"tasks.{n}"
+    assert 0 < len(notices._post_headers) <= notices._POST_HEADERS_MAX
 
 
 def test_every_verb_has_a_round_trip_test():

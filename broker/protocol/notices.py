@@ -14,6 +14,10 @@ from .names import check_channel, check_group
 
 MAX_POST_BODIES = 1024
 _POST = verb_frame("POST")
+# POST header frames found well formed, and what they said: a sender repeats the same header
+# (its channel, expiry, and often the same acks), so most POSTs are checked by one lookup.
+_post_headers: dict[bytes, tuple[str, float, tuple]] = {}
+_POST_HEADERS_MAX = 1024  # (bounded: cleared when full)
 
 
 def _check_counts(pairs, low: int) -> None:
@@ -147,8 +151,22 @@ class Post(Command):
         else, including a malformed POST, whose ``decode`` then says what is wrong."""
         if frames[0] != _POST or not 3 <= len(frames) <= 2 + MAX_POST_BODIES:
             return None
+        known = _post_headers.get(frames[1])
+        if known is None:
+            known = Post._header_parts(frames[1])
+            if known is None:
+                return None
+            if len(_post_headers) >= _POST_HEADERS_MAX:
+                _post_headers.clear()
+            _post_headers[frames[1]] = known
+        channel, expiry, acks = known
+        return channel, expiry, frames[2:], acks
+
+    @staticmethod
+    def _header_parts(frame: bytes) -> tuple[str, float, tuple] | None:
+        """``(channel, expiry, acks)`` of a POST header frame that ``decode`` accepts, or None."""
         try:
-            header = unpack_header(frames[1])
+            header = unpack_header(frame)
             channel, expiry, acks = check_channel(header.get("ch")), header.get("exp"), header.get("acks")
             if type(expiry) not in (int, float) or not 0 < expiry <= 10**9:
                 return None
@@ -164,7 +182,7 @@ class Post(Command):
                 return None
         except ProtocolError:
             return None
-        return channel, float(expiry), frames[2:], acks
+        return channel, float(expiry), acks
 
 
 @dataclass(frozen=True)
