@@ -90,14 +90,17 @@ class AsyncClient(Link, FrontDoor):
         if not self._connected_here():
             await self.connect()
         now = time.monotonic()
-        rid, frames = self._core.send(channel, message, now)
+        alone = not self._drain_scheduled and now - self._last_sent >= BURST_GAP
+        rid, frames = self._core.send(channel, message, now, alone)
         if rid is not None:
             await self._call(rid, frames)
             return
-        if self._drain_scheduled or now - self._last_sent < BURST_GAP:
-            self._schedule_drain()  # a burst: the POSTs of this loop iteration go as one message
-        else:
-            self._flush_outgoing()  # a lone send goes at once (and carries the acks due)
+        if frames is not None:  # a lone send goes at once (and carries the acks due)
+            self._send_posts([frames])
+            if self._core.outgoing:
+                self._flush_outgoing()
+        else:  # a burst: the POSTs of this loop iteration go as one message
+            self._schedule_drain()
         if self._core.refilling and readable(self._dealer):
             self._drain()  # take in grants now: a sender that never yields still gets them
         if self._release_timer is None:
@@ -270,15 +273,17 @@ class AsyncClient(Link, FrontDoor):
             raise result
         return result
 
-    def _send_posts(self) -> None:
-        if self._closed or not self._core.posts:
-            return
-        posts = self._core.take_posts()
-        for index, (_, frames) in enumerate(posts):
+    def _send_posts(self, posts: list[list[bytes]] | None = None) -> None:
+        """Send ``posts`` (POST frames), or the POST batch the core holds."""
+        if posts is None:
+            if self._closed or not self._core.posts:
+                return
+            posts = [frames for _, frames in self._core.take_posts()]
+        for index, frames in enumerate(posts):
             try:
                 send_frames(self._dealer, frames)
             except zmq.Again:  # the connection dropped under them: lost in flight, and said so
-                lost = sum(len(f) - 2 for _, f in posts[index:])
+                lost = sum(len(f) - 2 for f in posts[index:])
                 log.warning("%d posted message(s) were lost: the connection to %s dropped", lost, self.url)
                 self._go_offline("the connection to the broker was lost")
                 return

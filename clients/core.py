@@ -237,19 +237,21 @@ class ClientCore(Inbound):
         self.voided.update(self.refilling)
         self.unconfirmed = 0
 
-    def send(self, channel: str, message: dict, now: float) -> tuple[int | None, list[bytes] | None]:
-        """One send. With a reserved slot on ``channel`` the body joins the POST batch that
-        ``take_outgoing`` sends (``(None, None)``: nothing to wait for, the room is already
-        ours); else the frames of a SEND request, which asks for slots only when this is the
-        second send to ``channel`` within RELEASE_IDLE (a lone send reserves nothing). Tops the
-        reservation up ahead of need with a RESERVE."""
+    def send(self, channel: str, message: dict, now: float,
+             alone: bool = False) -> tuple[int | None, list[bytes] | None]:
+        """One send. With a reserved slot on ``channel`` the room is already ours, so nothing
+        waits for a reply (``rid`` None): with ``alone``, and no POST batch pending, the frames
+        of a POST of this body alone (carrying the acks due) for the caller to send at once;
+        otherwise ``(None, None)``: the body joins the POST batch that ``take_outgoing`` sends.
+        Without a slot, the frames of a SEND request, which asks for slots only when this is
+        the second send to ``channel`` within RELEASE_IDLE (a lone send reserves nothing). Tops
+        the reservation up ahead of need with a RESERVE (queued in ``outgoing``)."""
         body = self._body(message)
         left = self.reserved.get(channel, 0)
         previous = self.last_send.get(channel)
         self.last_send[channel] = now
         self._forget_old_sends(now)
         if left:  # (the name was checked by the SEND that reserved the slot)
-            self.posts.setdefault(channel, []).append(body)
             self.reserved[channel] = left - 1
             self.unconfirmed += 1
             if left - 1 <= RESERVE_WANT // 2 and channel not in self.refilling.values():
@@ -258,6 +260,12 @@ class ClientCore(Inbound):
                 )
                 self.refilling[rid] = channel
                 self.outgoing.append(("dealer", reserve))
+            if alone and not self.posts:
+                acks = self.pending_acks
+                if acks:
+                    self.pending_acks = {}
+                return None, wire.Post.encode(channel, self.expiry, (body,), acks, self._pack)
+            self.posts.setdefault(channel, []).append(body)
             return None, None
         streaming = previous is not None and now - previous < RELEASE_IDLE
         rid, frames = self._build(

@@ -102,15 +102,14 @@ class Client(FrontDoor):
 
         With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
         self._catch_up()
-        rid, frames = self._core.send(channel, message, time.monotonic())
+        if self._closed:
+            raise BusError("the client is closed")
+        rid, frames = self._core.send(channel, message, time.monotonic(), alone=True)
         if rid is not None:
             self._call(rid, frames)
             return
-        if self._closed:
-            raise BusError("the client is closed")
         try:
-            for _, post in self._core.take_posts():  # (this one message: a blocking send is sent now)
-                send_frames(self._dealer, post)
+            send_frames(self._dealer, frames)  # (a POST of this message alone: sent now)
         except zmq.Again:  # the link is down: the slot went with it; send as a request instead
             self._go_offline()
             self._call(*self._core.send(channel, message, time.monotonic()))
