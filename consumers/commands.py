@@ -254,7 +254,7 @@ def stats(url, timeout, top, as_json, watch) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name", type=click.Choice(["core", "layers", "soak"]), default="core")
+@click.argument("name", type=click.Choice(["core", "layers", "soak", "bytecodes"]), default="core")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(name, args) -> None:
     """Run benchmarks/NAME.py from this checkout with ARGS (channelbus bench core --repeat 3;
@@ -262,7 +262,8 @@ def bench(name, args) -> None:
 
     core: the bus against a raw pyzmq forwarder (messages/s, round trip p50/p99); layers: the
     Channels layer against channels_redis (needs redis-server); soak: a long run with broker
-    restarts. Each prints its figures and ratios; see docs/performance.md.
+    restarts; bytecodes: the Python work per message in the broker and a client, counted (not
+    timed). Each prints its figures and ratios; see docs/performance.md.
     """
     import os
     import runpy

@@ -46,3 +46,26 @@ def test_the_core_benchmark_runs_all_three_set_ups_to_completion():
                 "bus / reference", "asyncio floor / reference"):
         assert row in output, output
     assert "OUT OF ORDER" not in output and "only " not in output, output
+
+
+@pytest.mark.timeout(90)
+def test_the_bytecode_count_counts_the_broker_and_a_client():
+    argv = [sys.executable, os.path.join(ROOT, "benchmarks", "bytecodes.py"), "--rtt", "20", "--top", "3",
+            "--timeout", "60"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=75)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output
+    counts = {}
+    for line in output.splitlines():
+        if ": " in line and "bytecodes" in line:
+            label, rest = line.split(": ", 1)
+            counts[label] = float(rest.split()[0].replace(",", ""))
+    assert set(counts) == {"broker, per hop", "client, per round trip"}, output
+    assert all(count > 100 for count in counts.values()), output  # (the hot path ran, and was counted)
+    assert "broker/routing.py:handle" in output or "broker/delivery.py" in output, output
