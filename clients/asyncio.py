@@ -136,12 +136,13 @@ class AsyncClient(Link, FrontDoor):
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
         while True:
-            message = core.pop(channel, now, defer_ack=True)
+            message = core.pop(channel, now, defer_ack=True) if channel in core.queues else None
             if message is not None:
                 if self._ack_timer is None:
                     self._ack_timer = self._loop.call_later(ACK_DELAY, self._ack_due)
                 return message
-            self._flush_outgoing()
+            if core.posts or core.pending_acks or core.outgoing:
+                self._flush_outgoing()
             future = self._watch(channel, deadline)  # (awaited here, not in _arrival: one coroutine less)
             try:
                 await future
@@ -337,7 +338,12 @@ class AsyncClient(Link, FrontDoor):
                 break
             count += 1
             for event in digest(recv_frames(sock), time.monotonic(), time.time()):
-                self._dispatch(event)
+                if event[0] == "arrived":  # (the common case, without a call)
+                    for waiter in self._arrivals.pop(event[1], ()):
+                        if not waiter.done():
+                            waiter.set_result(None)
+                else:
+                    self._dispatch(event)
         if count and sock is self._dealer:
             self._last_heard = time.monotonic()
         return more
@@ -348,12 +354,8 @@ class AsyncClient(Link, FrontDoor):
         self._drain()
 
     def _dispatch(self, event: tuple) -> None:
+        """Act on an event of the core other than "arrived" (which ``_read`` settles itself)."""
         kind = event[0]
-        if kind == "arrived":  # (first: the common case)
-            for waiter in self._arrivals.pop(event[1], ()):
-                if not waiter.done():
-                    waiter.set_result(None)
-            return
         if kind == "forgotten":  # the broker dropped us (it restarted, or we fell silent)
             if self._online:
                 self._go_offline("the broker had forgotten this client")
