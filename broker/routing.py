@@ -72,6 +72,9 @@ class Router(GroupRouting, RecallWaits):
              "bad_frames", "group_sends", "group_skipped", "revoked"), 0,
         )
         self.delivery = Delivery(self.stats, wall_offset)
+        # Until end_batch(now), deliver to receivers once per burst rather than per message:
+        # the delivery's own methods (one call less per message than methods that pass through).
+        self.begin_batch, self.end_batch = self.delivery.begin_batch, self.delivery.end_batch
         self._init_groups()  # groups, joining, published
         self._init_recalls()  # recalling
         self.strikes: dict[bytes, int] = {}
@@ -139,13 +142,6 @@ class Router(GroupRouting, RecallWaits):
         if err.code in REFUSALS:
             return [Out(rid, wire.error(getattr(cmd, "id", None), err))]
         return self._strike(rid, err, now, getattr(cmd, "id", None))
-
-    def begin_batch(self) -> None:
-        """Until ``end_batch``, deliver to receivers once per burst rather than per message."""
-        self.delivery.begin_batch()
-
-    def end_batch(self, now: float) -> list[Out]:
-        return self.delivery.end_batch(now)
 
     def tick(self, now: float) -> list[Out]:
         """Expire messages, memberships and waits that are due; retry stalled deliveries."""

@@ -64,7 +64,7 @@ class BrokerServer:
         self.endpoint = ""
         self.pub_endpoint = ""
         self.router: Router | None = None
-        self._stop = threading.Event()
+        self._stopping = False  # set by stop(), from any thread or a signal handler
         self._sockets: list[zmq.Socket] = []
         self._dropped: dict[bytes, int] = {}  # replies dropped per peer since the last heartbeat
         self._idle_since = 0.0  # when the last batch of commands was done with
@@ -110,13 +110,14 @@ class BrokerServer:
         next_tick = time.monotonic() + TICK_SECONDS
         next_beat = time.monotonic() + self.config.heartbeat
         wait_ms = None
+        now = time.monotonic()
         try:
-            while not self._stop.is_set():
+            while not self._stopping:
                 # A blocking receive (with a timeout up to the next tick) wakes faster than a
                 # poll over both sockets; the publisher's subscription notices wait for the tick.
                 # (Set again only when it is 10 ms off, not at every message: the tick may come
                 # up to 10 ms late, or a turn early and empty.)
-                timeout = max(1, int((next_tick - time.monotonic()) * 1000))
+                timeout = max(1, int((next_tick - now) * 1000))  # (now: at the end of the last turn)
                 if wait_ms is None or abs(timeout - wait_ms) > 10:
                     commands.setsockopt(zmq.RCVTIMEO, timeout)
                     wait_ms = timeout
@@ -141,7 +142,7 @@ class BrokerServer:
 
     def stop(self) -> None:
         """Ask ``serve()`` to return (safe from any thread or a signal handler)."""
-        self._stop.set()
+        self._stopping = True
 
     def close(self) -> None:
         for sock in self._sockets:
