@@ -49,9 +49,12 @@ def verb_frame(verb: str) -> bytes:
     return bytes([VERSION]) + verb.encode("ascii")
 
 
+MAP_FIRST_BYTES = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # msgpack fixmap, map16, map32
+
+
 def body_is_map(body: bytes) -> bool:
-    """True when a msgpack document starts with a map (fixmap, map16 or map32)."""
-    return bool(body) and (0x80 <= body[0] <= 0x8F or body[0] in (0xDE, 0xDF))
+    """True when a msgpack document starts with a map (its first byte is in MAP_FIRST_BYTES)."""
+    return bool(body) and body[0] in MAP_FIRST_BYTES
 
 
 def field_value(header: dict, key: str) -> object:
