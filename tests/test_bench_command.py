@@ -15,6 +15,20 @@ from consumers.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_benchmark(script: str, *args: str, timeout: float = 75) -> tuple[int, str]:
+    """Run benchmarks/SCRIPT with ARGS in its own process group (on a hang, all of it is
+    stopped); return its exit status and output."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output
+
+
 def test_bench_runs_the_named_script_with_its_arguments():
     result = CliRunner().invoke(main, ["bench", "core", "--", "--help"])  # (-- : the script's own help)
     assert result.exit_code == 0, result.output
@@ -31,17 +45,9 @@ def test_bench_refuses_an_unknown_benchmark():
 def test_the_core_benchmark_runs_all_three_set_ups_to_completion():
     """A tiny run of the real thing: the forwarder, the asyncio floor and a broker, each with a
     sender and a receiver process; every message arrives in order (exit status 0)."""
-    argv = [sys.executable, os.path.join(ROOT, "benchmarks", "core.py"), "--messages", "300", "--rtt", "30",
-            "--warmup", "5", "--timeout", "60"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own group: on a hang, all of it is stopped
-    try:
-        output, _ = proc.communicate(timeout=75)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output
+    returncode, output = run_benchmark("core.py", "--messages", "300", "--rtt", "30", "--warmup", "5",
+                                       "--timeout", "60")
+    assert returncode == 0, output
     for row in ("reference (pyzmq forwarder)", "asyncio floor (same, asyncio)", "bus (AsyncClient + broker)",
                 "bus / reference", "asyncio floor / reference"):
         assert row in output, output
@@ -50,17 +56,8 @@ def test_the_core_benchmark_runs_all_three_set_ups_to_completion():
 
 @pytest.mark.timeout(90)
 def test_the_bytecode_count_counts_the_broker_and_a_client():
-    argv = [sys.executable, os.path.join(ROOT, "benchmarks", "bytecodes.py"), "--rtt", "20", "--top", "3",
-            "--timeout", "60"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=75)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output
+    returncode, output = run_benchmark("bytecodes.py", "--rtt", "20", "--top", "3", "--timeout", "60")
+    assert returncode == 0, output
     counts = {}
     for line in output.splitlines():
         if ": " in line and "bytecodes" in line:
