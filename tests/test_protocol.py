@@ -235,7 +235,7 @@ def test_the_brokers_fast_path_takes_exactly_the_posts_decode_accepts_with_the_s
     assert wire.Post.parts(frames) == parts  # the second time (a remembered header): the same
 
 
-def test_the_fast_path_remembers_a_bounded_number_of_headers_and_never_a_bad_one():
+def test_the_fast_path_remembers_a_bounded_number_of_short_headers_and_never_a_bad_one():
     from broker.protocol import notices
 
     notices._post_headers.clear()
@@ -244,6 +244,12 @@ def test_the_fast_path_remembers_a_bounded_number_of_headers_and_never_a_bad_one
     for n in range(notices._POST_HEADERS_MAX + 10):
         assert wire.Post.parts(_post_frames({"ch": f"tasks.{n}", "exp": 60}))[0] == f"tasks.{n}"
     assert 0 < len(notices._post_headers) <= notices._POST_HEADERS_MAX
+    notices._post_headers.clear()
+    long_acks = {f"channel.{n}": 1 for n in range(40)}  # a header over the remembered size
+    frames = _post_frames({"ch": "tasks", "exp": 60, "acks": long_acks})
+    assert len(frames[1]) > notices._POST_HEADER_REMEMBERED_BYTES
+    assert wire.Post.parts(frames)[3] == tuple(long_acks.items())
+    assert not notices._post_headers  # checked, not kept
 
 
 def test_every_verb_has_a_round_trip_test():

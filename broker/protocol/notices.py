@@ -18,6 +18,8 @@ _POST = verb_frame("POST")
 # (its channel, expiry, and often the same acks), so most POSTs are checked by one lookup.
 _post_headers: dict[bytes, tuple[str, float, tuple]] = {}
 _POST_HEADERS_MAX = 1024  # (bounded: cleared when full)
+_POST_HEADER_REMEMBERED_BYTES = 256  # longer headers (many acks) are checked every time: the
+# memory held stays under 1024 x 256 bytes whatever clients send
 
 
 def _check_counts(pairs, low: int) -> None:
@@ -156,9 +158,10 @@ class Post(Command):
             known = Post._header_parts(frames[1])
             if known is None:
                 return None
-            if len(_post_headers) >= _POST_HEADERS_MAX:
-                _post_headers.clear()
-            _post_headers[frames[1]] = known
+            if len(frames[1]) <= _POST_HEADER_REMEMBERED_BYTES:
+                if len(_post_headers) >= _POST_HEADERS_MAX:
+                    _post_headers.clear()
+                _post_headers[frames[1]] = known
         channel, expiry, acks = known
         return channel, expiry, frames[2:], acks
 
