@@ -17,9 +17,8 @@ queued in ``outgoing``.
   as ``(body, deadline, direct)``. Direct messages (pushed by the broker on the ROUTER) are
   acknowledged as soon as they are taken or found expired (the asyncio shell coalesces them
   and sends them with, or before, whatever it sends next: at the latest ACK_DELAY after the
-  take), so the broker's count of what a
-  channel holds stays exact; group messages for process-specific channels arrive on the topic
-  and are bounded here by capacity.
+  take), so the broker's count of what a channel holds stays exact; group messages for
+  process-specific channels arrive on the topic and are bounded here by capacity.
 - Deadlines: a message's ttl counts from when the broker sent it, by the broker's clock as
   measured at HELLO, so time spent unread in this process's socket counts too.
 - A reply confirms every POST sent before it (the broker handles a connection's messages in
