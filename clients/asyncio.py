@@ -418,7 +418,8 @@ class AsyncClient(Link, FrontDoor):
         if self._closed:
             return
         due = self._core.release_idle(time.monotonic())
-        self._flush_outgoing()
+        if self._core.outgoing:  # a RELEASE (after the POSTs of this iteration, which go first);
+            self._flush_outgoing()  # else the POSTs stay collected for the iteration's drain
         if due is not None:
             delay = max(0.0, due - time.monotonic())
             self._release_timer = self._loop.call_later(delay, self._arm_release_timer)

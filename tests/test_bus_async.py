@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import bus_workers as w
+from broker.protocol import wire
 from clients import AsyncClient, BusError, ChannelFull, Client, ReceiveTimeout
 
 
@@ -286,3 +287,36 @@ def test_every_call_on_a_closed_client_says_it_is_closed_and_sends_nothing(broke
                  client.ping):
         with pytest.raises(BusError, match="the client is closed"):
             call()
+
+
+@pytest.mark.timeout(30)
+def test_sends_within_the_burst_gap_go_as_one_post_and_arrive_in_order(broker, monkeypatch):
+    """Sends that come within BURST_GAP of the client's previous send (here: a gap of 10 s, so
+    the test does not depend on the host's speed) are collected in the loop iteration and go
+    as one POST. Counted where the client writes to its socket; broker and receiver are real.
+    (A send that comes alone goes at once: test_a_lone_send_leaves_at_once_...)"""
+    import clients.asyncio as client_module
+
+    written: list[list[bytes]] = []
+    real_send_frames = client_module.send_frames
+
+    def counting_send_frames(sock, frames, *args):
+        written.append(frames)
+        return real_send_frames(sock, frames, *args)
+
+    async def main():
+        async with AsyncClient(broker.url) as sender, AsyncClient(broker.url) as receiver:
+            for n in range(2):  # the second send reserves slots: later ones are POSTs
+                await sender.send("burst", {"type": "warm", "n": n})
+            monkeypatch.setattr(client_module, "BURST_GAP", 10.0)
+            monkeypatch.setattr(client_module, "send_frames", counting_send_frames)
+            for n in range(20):  # (no await here yields to the loop)
+                await sender.send("burst", {"type": "burst", "n": n})
+            await asyncio.sleep(0)  # the collected POST goes at the next loop iteration
+            monkeypatch.setattr(client_module, "send_frames", real_send_frames)
+            got = [(await receiver.receive("burst", timeout=5))["n"] for _ in range(22)]
+            return got
+
+    assert asyncio.run(main()) == [0, 1, *range(20)]
+    posts = [frames for frames in written if frames[0] == wire.verb_frame("POST")]
+    assert [len(frames) - 2 for frames in posts] == [20]  # one POST, twenty bodies
