@@ -90,7 +90,7 @@ class AsyncClient(Link, FrontDoor):
         if not self._connected_here():
             await self.connect()
         now = time.monotonic()
-        alone = not self._drain_scheduled and now - self._last_sent >= BURST_GAP
+        alone = now - self._last_sent >= BURST_GAP  # (and the core has no POST batch pending)
         rid, frames = self._core.send(channel, message, now, alone)
         if rid is not None:
             await self._call(rid, frames)
@@ -330,20 +330,30 @@ class AsyncClient(Link, FrontDoor):
             self._schedule_drain()
 
     def _read(self, sock: zmq.Socket, digest) -> bool:
-        """Digest what ``sock`` holds, up to DRAIN_BATCH messages; True if it may hold more."""
+        """Digest what ``sock`` holds, up to DRAIN_BATCH messages; True if it may hold more.
+
+        It stops after a message that woke a waiting ``receive()``: the drain scheduled next
+        reads the rest after that task has run, in the same loop iteration, so the woken task
+        does not wait for a look at the socket (and its send, if it sends, needs no look of
+        its own: see _after_send)."""
         count, more = 0, False
         while readable(sock):  # (cheaper than catching zmq.Again)
             if count == DRAIN_BATCH:
                 more = True
                 break
             count += 1
+            woke = False
             for event in digest(recv_frames(sock), time.monotonic(), time.time()):
                 if event[0] == "arrived":  # (the common case, without a call)
                     for waiter in self._arrivals.pop(event[1], ()):
                         if not waiter.done():
                             waiter.set_result(None)
+                            woke = True
                 else:
                     self._dispatch(event)
+            if woke:
+                more = True
+                break
         if count and sock is self._dealer:
             self._last_heard = time.monotonic()
         return more

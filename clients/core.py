@@ -240,7 +240,7 @@ class ClientCore(Inbound):
     def send(self, channel: str, message: dict, now: float,
              alone: bool = False) -> tuple[int | None, list[bytes] | None]:
         """One send. With a reserved slot on ``channel`` the room is already ours, so nothing
-        waits for a reply (``rid`` None): with ``alone``, and no POST batch pending, the frames
+        waits for a reply (``rid`` None): with ``alone``, and nothing else queued, the frames
         of a POST of this body alone (carrying the acks due) for the caller to send at once;
         otherwise ``(None, None)``: the body joins the POST batch that ``take_outgoing`` sends.
         Without a slot, the frames of a SEND request, which asks for slots only when this is
@@ -252,6 +252,7 @@ class ClientCore(Inbound):
         self.last_send[channel] = now
         self._forget_old_sends(now)
         if left:  # (the name was checked by the SEND that reserved the slot)
+            alone = alone and not self.posts and not self.outgoing  # (nothing queued goes first)
             self.reserved[channel] = left - 1
             self.unconfirmed += 1
             if left - 1 <= RESERVE_WANT // 2 and channel not in self.refilling.values():
@@ -259,8 +260,8 @@ class ClientCore(Inbound):
                     wire.Reserve, channel=channel, capacity=self.capacity_for(channel), want=RESERVE_WANT,
                 )
                 self.refilling[rid] = channel
-                self.outgoing.append(("dealer", reserve))
-            if alone and not self.posts:
+                self.outgoing.append(("dealer", reserve))  # (sent after this POST)
+            if alone:
                 acks = self.pending_acks
                 if acks:
                     self.pending_acks = {}

@@ -104,6 +104,8 @@ class Client(FrontDoor):
         self._catch_up()
         if self._closed:
             raise BusError("the client is closed")
+        if self._core.outgoing:
+            self._flush_outgoing()  # (what was queued goes first; then this send goes alone)
         rid, frames = self._core.send(channel, message, time.monotonic(), alone=True)
         if rid is not None:
             self._call(rid, frames)
