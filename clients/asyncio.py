@@ -3,8 +3,9 @@
 An AsyncClient belongs to the event loop that connected it (ZeroMQ sockets must not cross loops
 or threads); using it from another loop raises RuntimeError. The sockets are plain ZeroMQ
 sockets read from the loop with ``add_reader`` on their (edge-triggered) FD: drained until empty
-after every wake-up, and looked at after every send (which can take in the FD's news without its
-firing), drained again if anything waits.
+after every wake-up (a drain that wakes a waiting ``receive()`` hands over to that task and
+goes on right after it, in the same loop iteration), and looked at after every send when no
+drain is due (a send can take in the FD's news without its firing), drained if anything waits.
 
 Sending costs no loop iteration of its own when it need not: a send that follows the client's
 last send by BURST_GAP or more is written to the socket at once; only a burst is collected and
