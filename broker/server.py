@@ -150,19 +150,25 @@ class BrokerServer:
         self._sockets.clear()
 
     def _read_commands(self, frames: list[bytes]) -> None:
-        """Handle ``frames`` and whatever else is waiting (up to BATCH), then deliver."""
+        """Handle ``frames`` and deliver: alone after a pause, else with whatever else is
+        waiting (up to BATCH) as one batch."""
         router, sock = self.router, self._commands
-        router.begin_batch()  # a burst of sends becomes one MSG per receiver
-        # A message after a pause (BUSY_GAP since the last batch ended) is delivered at once,
-        # without asking whether more wait: what follows it comes in the next batch anyway.
-        busy = time.monotonic() - self._idle_since < BUSY_GAP
+        # A message after a pause (BUSY_GAP since the last batch ended) is handled alone and
+        # delivered at once, without asking whether more wait: what follows it comes in the
+        # next batch anyway. While busy, a burst of sends becomes one MSG per receiver.
+        if time.monotonic() - self._idle_since >= BUSY_GAP:
+            now = time.monotonic()
+            self._send(router.handle(frames[0], frames[1:], now), now)
+            self._idle_since = time.monotonic()
+            return
+        router.begin_batch()
         try:
             for count in range(1, BATCH + 1):
                 now = time.monotonic()
                 out = router.handle(frames[0], frames[1:], now)
                 if out:  # (a POST's delivery waits for the end of the batch: usually nothing)
                     self._send(out, now)
-                if not busy or count == BATCH or not readable(sock):
+                if count == BATCH or not readable(sock):
                     break  # (not reading a message this batch would not handle)
                 frames = recv_frames(sock)
         finally:
