@@ -57,6 +57,7 @@ class AsyncClient(Link, FrontDoor):
         self._pending: dict[int, asyncio.Future] = {}
         self._arrivals: dict[object, list[asyncio.Future]] = {}  # channel or marker key -> waiters
         self._drain_scheduled = False
+        self._handed_over = False  # the scheduled drain goes on after a woken task (see _read)
         self._sub_unread = True  # the SUB may hold something: its FD fired, or it was touched
         self._sync_timer: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -316,12 +317,13 @@ class AsyncClient(Link, FrontDoor):
         """Read everything the DEALER holds (and the SUB, when its FD fired or it was touched;
         up to a batch each), then send what follows."""
         self._drain_scheduled = False
+        hand_over, self._handed_over = not self._handed_over, False  # (once per wake-up)
         if self._closed or self._dealer.closed:  # (closed, or torn down after a failed connect)
             return
         core = self._core
-        more = self._read(self._dealer, core.on_dealer)
+        more = self._read(self._dealer, core.on_dealer, hand_over)
         if self._sub_unread:
-            self._sub_unread = self._read(self._sub, core.on_sub)
+            self._sub_unread = self._read(self._sub, core.on_sub, hand_over)
             more = more or self._sub_unread
         if core.outgoing or core.posts or core.pending_acks:
             self._flush_outgoing()  # (whose sends look again at the FDs: see _after_send)
@@ -330,13 +332,14 @@ class AsyncClient(Link, FrontDoor):
         if more:
             self._schedule_drain()
 
-    def _read(self, sock: zmq.Socket, digest) -> bool:
+    def _read(self, sock: zmq.Socket, digest, hand_over: bool = False) -> bool:
         """Digest what ``sock`` holds, up to DRAIN_BATCH messages; True if it may hold more.
 
-        It stops after a message that woke a waiting ``receive()``: the drain scheduled next
-        reads the rest after that task has run, in the same loop iteration, so the woken task
-        does not wait for a look at the socket (and its send, if it sends, needs no look of
-        its own: see _after_send)."""
+        With ``hand_over`` it stops after a message that woke a waiting ``receive()``: the
+        drain scheduled next runs right after that task and reads all the rest, so the woken
+        task does not wait for a look at the socket (and its send, if it sends, needs no look
+        of its own: see _after_send), and a burst for many waiting tasks costs one iteration
+        more, not one per message."""
         count, more = 0, False
         while readable(sock):  # (cheaper than catching zmq.Again)
             if count == DRAIN_BATCH:
@@ -352,8 +355,8 @@ class AsyncClient(Link, FrontDoor):
                             woke = True
                 else:
                     self._dispatch(event)
-            if woke:
-                more = True
+            if woke and hand_over:
+                more = self._handed_over = True
                 break
         if count and sock is self._dealer:
             self._last_heard = time.monotonic()
