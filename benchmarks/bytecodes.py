@@ -2,13 +2,14 @@
 out) and an AsyncClient per round trip (a send, then the answer received), in a ping-pong of
 two AsyncClients through a real broker on loopback.
 
-Unlike a time, the count does not move with the host's load, so it ranks changes to the hot
+The count swings much less than a time with the host's load, so it ranks changes to the hot
 path that the wall clock cannot rank on a busy machine (docs/performance.md). It is not a speed:
 what a bytecode costs varies several times over with the caches. Counting uses
 ``sys.settrace`` with opcode events, which slows the traced process about fiftyfold, so each
-side is counted in its own run while the other runs at full speed. (A traced client is slow
-enough that its 2 ms acknowledgement timer fires more often than in a real run: its count is a
-little high.)
+side is counted in its own run while the other runs at full speed. A traced process is slow
+enough to take some time-dependent paths more or less often than a real one (the client's 2 ms
+acknowledgement timer fires more often; which of two events comes first can change), so read a
+change to such a path with care.
 
     python benchmarks/bytecodes.py               # both counts and the top functions
     python benchmarks/bytecodes.py --rtt 500 --top 0
