@@ -156,8 +156,8 @@ class BrokerServer:
         # A message after a pause (BUSY_GAP since the last batch ended) is handled alone and
         # delivered at once, without asking whether more wait: what follows it comes in the
         # next batch anyway. While busy, a burst of sends becomes one MSG per receiver.
-        if time.monotonic() - self._idle_since >= BUSY_GAP:
-            now = time.monotonic()
+        now = time.monotonic()
+        if now - self._idle_since >= BUSY_GAP:
             self._send(router.handle(frames[0], frames[1:], now), now)
             self._idle_since = time.monotonic()
             return
