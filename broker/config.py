@@ -16,6 +16,7 @@ from .routing import Limits
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_PUB_BIND = "tcp://127.0.0.1:5556"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_BUSY_POLL = 10_000  # microseconds: the broker's timers (ticks of 0.1 s) stay on time
 
 _SIZE_RE = re.compile(r"\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*\Z", re.IGNORECASE)
 _UNITS = {
@@ -56,6 +57,7 @@ class BrokerConfig:
     max_bad_frames: int = 100
     max_memory: int = 512 * 1024 * 1024
     heartbeat: float = 1.0
+    busy_poll: int = 0  # microseconds the broker keeps polling for the next command before it sleeps
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -71,6 +73,11 @@ class BrokerConfig:
             value = getattr(self, name)
             if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a finite number of seconds above 0, got {value!r}")
+        if type(self.busy_poll) is not int or not 0 <= self.busy_poll <= MAX_BUSY_POLL:
+            raise ConfigError(
+                f"busy_poll must be a whole number of microseconds from 0 (off) to {MAX_BUSY_POLL},"
+                f" got {self.busy_poll!r}"
+            )
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 

@@ -70,7 +70,8 @@ class Router(GroupRouting, RecallWaits):
         self.instance = instance  # changes with every broker start, so clients can tell
         self.stats = dict.fromkeys(
             ("received", "delivered", "full", "expired", "too_large", "memory_refused",
-             "bad_frames", "group_sends", "group_skipped", "revoked"), 0,
+             "bad_frames", "group_sends", "group_skipped", "revoked",
+             "busy_polled", "busy_poll_missed"), 0,  # (the last two: counted by the server)
         )
         self.delivery = Delivery(self.stats, wall_offset)
         # Until end_batch(now), deliver to receivers once per burst rather than per message:

@@ -15,7 +15,8 @@ import sys
 import click
 
 from broker.config import (
-    DEFAULT_BIND, DEFAULT_PUB_BIND, LOG_LEVELS, BrokerConfig, ConfigError, load_toml, parse_size,
+    DEFAULT_BIND, DEFAULT_PUB_BIND, LOG_LEVELS, MAX_BUSY_POLL, BrokerConfig, ConfigError, load_toml,
+    parse_size,
 )
 
 
@@ -59,10 +60,11 @@ class Size(click.ParamType):
 
 
 class Count(click.IntRange):
-    """A whole number of at least 1; refuses 1.5 and true (from a TOML file) instead of rounding."""
+    """A whole number from ``low`` (default 1) up to ``high`` (if given); refuses 1.5 and true
+    (from a TOML file) instead of rounding."""
 
-    def __init__(self) -> None:
-        super().__init__(min=1)
+    def __init__(self, low: int = 1, high: int | None = None) -> None:
+        super().__init__(min=low, max=high)
 
     def convert(self, value, param, ctx):
         if isinstance(value, (bool, float)):
@@ -165,6 +167,12 @@ def main() -> None:
 @click.option("--max-bad-frames", type=COUNT, default=100, show_default=True,
               envvar="CHANNELBUS_MAX_BAD_FRAMES", show_envvar=True,
               help="Bad messages a peer may send within 60 s before it is ignored for 10 s.")
+@click.option("--busy-poll", type=Count(0, MAX_BUSY_POLL), default=0, show_default=True,
+              envvar="CHANNELBUS_BUSY_POLL", show_envvar=True,
+              help="Microseconds to keep polling for the next command after handling one, before"
+                   " sleeping (0: off). Trades CPU for latency: a command caught this way needs"
+                   " no wake-up, but while commands come this often the broker uses a whole core."
+                   f" At most {MAX_BUSY_POLL}.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True, envvar="CHANNELBUS_LOG_LEVEL", show_envvar=True,
               help="Logging threshold.")

@@ -200,6 +200,17 @@ def async_receive_sequence(url: str, channel: str, count: int, ready) -> tuple[l
     return asyncio.run(main())
 
 
+def echo(url: str, inbox: str, outbox: str, count: int, ready) -> int:
+    """Answer ``count`` messages of ``inbox`` on ``outbox`` (after setting ``ready``); return
+    how many it answered."""
+    with Client(url) as bus:
+        prime(bus, inbox)
+        ready.set()
+        for _ in range(count):
+            bus.send(outbox, bus.receive(inbox, timeout=RECEIVE_TIMEOUT))
+        return count
+
+
 def compete(url: str, channel: str, ready, stop, out) -> int:
     """One of several receivers on ``channel``: put the numbers received on ``out`` in batches
     until ``stop`` is set and nothing more comes; return how many were received."""

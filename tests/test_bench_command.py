@@ -42,14 +42,16 @@ def test_bench_refuses_an_unknown_benchmark():
 
 
 @pytest.mark.timeout(90)
-def test_the_core_benchmark_runs_all_three_set_ups_to_completion():
-    """A tiny run of the real thing: the forwarder, the asyncio floor and a broker, each with a
-    sender and a receiver process; every message arrives in order (exit status 0)."""
+def test_the_core_benchmark_runs_all_four_set_ups_to_completion():
+    """A tiny run of the real thing: the forwarder, the asyncio floor, a broker with its defaults
+    and one busy-polling, each with a sender and a receiver process; every message arrives in
+    order (exit status 0)."""
     returncode, output = run_benchmark("core.py", "--messages", "300", "--rtt", "30", "--warmup", "5",
-                                       "--timeout", "60")
+                                       "--busy-poll", "300", "--timeout", "60")
     assert returncode == 0, output
     for row in ("reference (pyzmq forwarder)", "asyncio floor (same, asyncio)", "bus (AsyncClient + broker)",
-                "bus / reference", "asyncio floor / reference"):
+                "bus, broker --busy-poll 300", "bus / reference", "busy-poll bus / reference",
+                "asyncio floor / reference"):
         assert row in output, output
     assert "OUT OF ORDER" not in output and "only " not in output, output
 

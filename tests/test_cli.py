@@ -37,6 +37,7 @@ OPTIONS = {  # long option -> (BrokerConfig field, environment variable)
     "--max-bad-frames": ("max_bad_frames", "CHANNELBUS_MAX_BAD_FRAMES"),
     "--max-memory": ("max_memory", "CHANNELBUS_MAX_MEMORY"),
     "--heartbeat": ("heartbeat", "CHANNELBUS_HEARTBEAT"),
+    "--busy-poll": ("busy_poll", "CHANNELBUS_BUSY_POLL"),
     "--log-level": ("log_level", "CHANNELBUS_LOG_LEVEL"),
 }
 
@@ -52,6 +53,7 @@ VALUES = [
     ("--max-bad-frames", "7", 7),
     ("--max-memory", "64MiB", 64 * MiB),
     ("--heartbeat", "0.5", 0.5),
+    ("--busy-poll", "250", 250),
     ("--log-level", "debug", "DEBUG"),
 ]
 
@@ -210,12 +212,13 @@ max-expiry = 30
 max-group-expiry = 3600.5
 max-message-size = "2MiB"
 max-bad-frames = 7
+busy-poll = 300
 log-level = "debug"
 """
 FULL_CONFIG = BrokerConfig(
     bind="tcp://0.0.0.0:6000", pub_bind="tcp://0.0.0.0:6001", advertise="tcp://bus.example.com:6001",
     max_capacity=500, max_expiry=30.0, max_group_expiry=3600.5, max_message_size=2 * MiB,
-    max_bad_frames=7, log_level="DEBUG",
+    max_bad_frames=7, busy_poll=300, log_level="DEBUG",
 )
 
 
@@ -253,7 +256,7 @@ def test_toml_unknown_key_is_an_error_naming_the_known_keys(invoke, toml_file):
     assert config is None
     assert path in line and "'max-capacty'" in line
     for key in ("bind", "pub-bind", "advertise", "max-capacity", "max-expiry", "max-group-expiry",
-                "max-message-size", "max-bad-frames", "log-level"):
+                "max-message-size", "max-bad-frames", "busy-poll", "log-level"):
         assert key in line
 
 
@@ -284,6 +287,8 @@ def test_invalid_toml_is_a_clear_error(invoke, toml_file):
     ("max-capacity = -5", "max-capacity: -5 is not in the range x>=1"),
     ("max-capacity = 1.5", "max-capacity: 1.5 is not a whole number"),
     ("max-bad-frames = true", "max-bad-frames: True is not a whole number"),
+    ("busy-poll = 2.5", "busy-poll: 2.5 is not a whole number"),
+    ("busy-poll = 100000", "busy-poll: 100000 is not in the range 0<=x<=10000"),
     ("max-expiry = 0", "max-expiry: 0.0 is not in the range x>0"),
     ("max-group-expiry = nan", "max-group-expiry: nan is not a finite number of seconds"),
     ("max-message-size = '2 parsecs'", "max-message-size: '2 parsecs' is not a size"),
@@ -318,6 +323,7 @@ PRECEDENCE = [  # option, file value (TOML), env value, flag value, parsed: defa
     ("--max-bad-frames", "10", "20", "30", (100, 10, 20, 30)),
     ("--max-memory", '"1MiB"', "2MiB", "3MiB", (512 * MiB, MiB, 2 * MiB, 3 * MiB)),
     ("--heartbeat", "2", "3", "4", (1.0, 2.0, 3.0, 4.0)),
+    ("--busy-poll", "100", "200", "0", (0, 100, 200, 0)),
     ("--log-level", '"error"', "warning", "debug", ("INFO", "ERROR", "WARNING", "DEBUG")),
 ]
 
@@ -372,6 +378,9 @@ BAD = [
     ("--max-expiry", "nan", "is not a finite number of seconds"),
     ("--max-group-expiry", "inf", "is not a finite number of seconds"),
     ("--max-group-expiry", "soon", "is not a valid float"),
+    ("--busy-poll", "-1", "-1 is not in the range 0<=x<=10000"),
+    ("--busy-poll", "10001", "10001 is not in the range 0<=x<=10000"),
+    ("--busy-poll", "0.5", "is not a valid integer"),
     ("--log-level", "loud", "'loud' is not one of"),
 ]
 
@@ -408,6 +417,7 @@ def test_unknown_option_exits_2(invoke):
     ("bind", "localhost:5555"), ("max_capacity", 0), ("max_capacity", 1.5), ("max_capacity", True),
     ("max_expiry", 0), ("max_expiry", float("nan")), ("max_group_expiry", float("inf")),
     ("max_message_size", -1), ("max_bad_frames", 0), ("log_level", "loud"),
+    ("busy_poll", -1), ("busy_poll", 10_001), ("busy_poll", 2.5), ("busy_poll", True),
 ])
 def test_broker_config_refuses_bad_values(field, value):
     with pytest.raises(ConfigError, match=field):
