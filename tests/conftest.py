@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zmq
 
 from bus_workers import ProcessRunner
 from broker.config import BrokerConfig
@@ -154,6 +155,21 @@ def _read_line(process: subprocess.Popen, timeout: float) -> str:
                 break
             data += chunk
     return data.decode(errors="replace").partition("\n")[0]
+
+
+@pytest.fixture
+def router_dealer():
+    """A ROUTER and a DEALER (routing id ``b"peer"``) connected over a loopback port the OS
+    picked: real sockets for tests of the broker's socket helpers."""
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.ROUTING_ID, b"peer")
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    yield router, dealer
+    router.close(linger=0)
+    dealer.close(linger=0)
+    ctx.term()
 
 
 @pytest.fixture

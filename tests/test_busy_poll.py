@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import zmq
 
 import bus_workers as w
 from broker.server import BrokerServer
@@ -21,20 +20,6 @@ pytestmark = pytest.mark.timeout(60)
 ROUNDS = 300
 
 
-@pytest.fixture
-def pair():
-    """A DEALER connected to a ROUTER on a loopback port the OS picked."""
-    ctx = zmq.Context()
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.ROUTING_ID, b"peer")
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    yield router, dealer
-    router.close(linger=0)
-    dealer.close(linger=0)
-    ctx.term()
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all its threads), from /proc."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -42,8 +27,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_a_busy_poll_returns_the_message_that_comes_within_its_time(pair):
-    router, dealer = pair
+def test_a_busy_poll_returns_the_message_that_comes_within_its_time(router_dealer):
+    router, dealer = router_dealer
     later = threading.Timer(0.05, send_frames, (dealer, [b"\x01PING", b"\x80"]))
     start = time.monotonic()
     later.start()
@@ -55,8 +40,8 @@ def test_a_busy_poll_returns_the_message_that_comes_within_its_time(pair):
     assert 0.04 < time.monotonic() - start < 9.0  # (it waited for it, and not to the end)
 
 
-def test_a_busy_poll_gives_up_at_its_end_with_nothing(pair):
-    router, _ = pair
+def test_a_busy_poll_gives_up_at_its_end_with_nothing(router_dealer):
+    router, _ = router_dealer
     start = time.monotonic()
     assert BrokerServer._poll_busily(router, start + 0.05) is None
     assert time.monotonic() - start >= 0.05

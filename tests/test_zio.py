@@ -12,20 +12,6 @@ from broker.zio import readable, recv_frames, send_frames
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def pair():
-    """A DEALER connected to a ROUTER on a loopback port the OS picked."""
-    ctx = zmq.Context()
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.ROUTING_ID, b"peer")
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    yield router, dealer
-    router.close(linger=0)
-    dealer.close(linger=0)
-    ctx.term()
-
-
 def wait_readable(sock: zmq.Socket, seconds: float = 5.0) -> None:
     deadline = time.monotonic() + seconds
     while not readable(sock):
@@ -33,8 +19,8 @@ def wait_readable(sock: zmq.Socket, seconds: float = 5.0) -> None:
         time.sleep(0.001)
 
 
-def test_a_message_goes_and_comes_whole_with_empty_and_binary_frames(pair):
-    router, dealer = pair
+def test_a_message_goes_and_comes_whole_with_empty_and_binary_frames(router_dealer):
+    router, dealer = router_dealer
     frames = [b"\x01POST", b"", b"\x00\xff" * 100, b"last"]
     send_frames(dealer, frames)
     wait_readable(router)
@@ -44,8 +30,8 @@ def test_a_message_goes_and_comes_whole_with_empty_and_binary_frames(pair):
     assert recv_frames(dealer) == [b"one"]
 
 
-def test_readable_says_whether_a_message_waits_and_never_blocks(pair):
-    router, dealer = pair
+def test_readable_says_whether_a_message_waits_and_never_blocks(router_dealer):
+    router, dealer = router_dealer
     assert not readable(router)
     for n in range(3):
         send_frames(dealer, [b"%d" % n])
