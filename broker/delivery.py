@@ -186,6 +186,47 @@ class Delivery:
             self.bytes_held += len(body) + ITEM_OVERHEAD
         return n
 
+    def deliver_posted(self, peer: Peer, name: str, bodies, expires_at: float, now: float) -> Out | None:
+        """The usual POST, pushed on at once: the MSG that ``post`` and then ``kick`` would give
+        when ``peer`` holds slots for all of ``bodies`` on normal channel ``name``, nothing is
+        queued there, the next ready receiver has credit for all of them and is not blocked, and
+        no batch is open. None when any of that does not hold, and then nothing has changed."""
+        n = len(bodies)
+        held = peer.reserved.get(name, 0)
+        if held < n or self._dirty is not None:
+            return None
+        inbox = self.inboxes[name]  # (there since the slots were reserved)
+        ready = inbox.ready
+        if inbox.queue or not ready:  # (a process-specific channel has no ready list)
+            return None
+        rid = ready[0]
+        receiver = self.peers.get(rid)
+        if receiver is None or receiver.blocked_until > now:
+            return None
+        credit = receiver.credits.get(name, 0) - n
+        if credit < 0:
+            return None
+        if held == n:
+            del peer.reserved[name]
+        else:
+            peer.reserved[name] = held - n
+        inbox.reserved -= n
+        inbox.inflight += n
+        items = [(body, expires_at) for body in bodies]  # (live: a POST's expiry is above 0)
+        unacked = receiver.unacked.get(name)
+        if unacked is None:
+            unacked = receiver.unacked[name] = deque()
+        unacked.extend(items)  # kept (and counted in bytes_held) until acknowledged
+        self.bytes_held += sum(map(len, bodies)) + ITEM_OVERHEAD * n
+        self.stats["delivered"] += n
+        receiver.credits[name] = credit
+        ready.popleft()
+        if credit:  # (round robin, as pump does it)
+            ready.append(rid)
+        ttl = int((expires_at - now) * 1000) or 1
+        header = self._pack({"ch": name, "ttl": [ttl] * n, "at": now + self.wall_offset})
+        return Out(rid, [_MSG, header, *bodies], (name, items))
+
     def release(self, peer: Peer, name: str, n: int) -> None:
         """Give back ``n`` of ``peer``'s slots on ``name`` (0: all of them, revoked ones too)."""
         asked = n

@@ -342,6 +342,11 @@ class Router(GroupRouting, RecallWaits):
                     self._check_body(body)
             except ProtocolError as err:
                 return out + self._refuse(peer.rid, None, err, now)
+        pushed = delivery.deliver_posted(peer, channel, bodies, now + expiry, now)
+        if pushed is not None:  # (the usual case: what kick would give, without queueing)
+            self.stats["received"] += len(bodies)
+            out.append(pushed)
+            return out
         queued = delivery.post(peer, channel, bodies, now + expiry)
         self.stats["received"] += queued
         if queued:

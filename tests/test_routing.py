@@ -651,6 +651,94 @@ def test_a_post_without_a_reserved_slot_is_refused_and_not_queued(router, a):
     assert "q" not in router.inboxes
 
 
+# A POST to a channel with nothing queued and a receiver ready for all of it is pushed on at
+# once (Delivery.deliver_posted), without queueing it first. Each case runs twice on routers in
+# the same state: as it comes, and with that shortcut turned off, so that every POST is queued
+# and then pumped. Both must send the same frames and end in the same state.
+
+FAST_PATH_CASES = {
+    # name: (credit granted by B, then C; bodies per POST; POSTs; acks on the first; POSTs that
+    # the shortcut pushes on)
+    "one body, credit to spare": ((10, 0), 1, 3, False, 3),
+    "three bodies, credit exactly used up": ((3, 0), 3, 1, False, 1),
+    "round robin over two receivers": ((5, 5), 2, 4, False, 4),
+    "less credit than bodies: general path": ((2, 0), 3, 1, False, 0),
+    "no receiver: queued": ((0, 0), 2, 2, False, 0),
+    "acks ride along": ((2, 0), 1, 3, True, 2),
+}
+
+
+def _fast_path_run(case, shortcut: bool):
+    (credit_b, credit_c), per_post, posts, with_acks, _ = case
+    router = Router(pub_endpoint="tcp://127.0.0.1:5556")
+    a, b, c = (FakeClient(router, rid, cid) for rid, cid in ((b"A", A_ID), (b"B", B_ID), (b"C", C_ID)))
+    for client in (a, b, c):
+        ok(client.hello(), client.rid)
+    if with_acks:  # A receives on "back" and has taken one message: its first POST acks it
+        a.credit("back", 5)
+        ok(b.send("back", 99), b"B")
+    ok(a.reserve("q", 50, cap=200), b"A")
+    for client, credit in ((b, credit_b), (c, credit_c)):
+        if credit:
+            client.credit("q", credit)
+    delivery, taken = router.delivery, []
+    if shortcut:
+        deliver_posted = delivery.deliver_posted
+        delivery.deliver_posted = lambda *args: taken.append(deliver_posted(*args)) or taken[-1]
+    else:
+        delivery.deliver_posted = lambda *args: None  # (the general path, for comparison)
+    outs = []
+    for k in range(posts):
+        bodies = tuple(body(10 * k + i) for i in range(per_post))
+        acks = (("back", 1),) if with_acks and k == 0 else ()
+        outs += a.raw(wire.Post("q", 60.0, bodies, acks).frames(), now=1.0 + k)
+    for inbox in router.inboxes.values():  # (soonest is a lower bound: any valid one will do)
+        assert all(inbox.soonest <= expires_at for _, expires_at in inbox.queue)
+    boxes = {name: (list(box.queue), box.inflight, box.reserved, list(box.ready), box.ordered)
+             for name, box in router.inboxes.items()}
+    pushed_on = sum(out is not None for out in taken)
+    return outs, (router.peers, boxes, router.delivery.bytes_held, router.stats), pushed_on
+
+
+@pytest.mark.parametrize("name", FAST_PATH_CASES)
+def test_a_post_pushed_on_at_once_sends_and_leaves_what_queue_then_pump_would(name):
+    case = FAST_PATH_CASES[name]
+    fast_outs, fast_state, pushed_on = _fast_path_run(case, shortcut=True)
+    slow_outs, slow_state, _ = _fast_path_run(case, shortcut=False)
+    assert fast_outs == slow_outs
+    assert fast_state == slow_state
+    assert pushed_on == case[-1]
+    got = {rid: received(fast_outs, rid, "q") for rid in (b"B", b"C")}
+    (credit_b, credit_c), per_post, posts, _, _ = case
+    delivered = sorted(got[b"B"] + got[b"C"])
+    assert len(delivered) == min(credit_b + credit_c, per_post * posts)
+    assert fast_state[1]["q"][1] == len(delivered)  # (in flight)
+
+
+def test_deliver_posted_declines_what_it_does_not_cover_and_changes_nothing(router, a, b):
+    import copy
+
+    ok(a.reserve("q", 4, cap=100), b"A")
+    delivery = router.delivery
+    before = copy.deepcopy((delivery.peers, delivery.inboxes, delivery.bytes_held))
+    peer = delivery.peers[b"A"]
+    assert delivery.deliver_posted(peer, "q", [body(1)], 61.0, 1.0) is None  # no receiver ready
+    b.credit("q", 1)
+    before = copy.deepcopy((delivery.peers, delivery.inboxes, delivery.bytes_held))
+    assert delivery.deliver_posted(peer, "q", [body(1), body(2)], 61.0, 1.0) is None  # credit 1 < 2
+    assert delivery.deliver_posted(peer, "q", [body(i) for i in range(5)], 61.0, 1.0) is None  # 4 slots
+    delivery.peers[b"B"].blocked_until = 2.0
+    assert delivery.deliver_posted(peer, "q", [body(1)], 61.0, 1.0) is None  # receiver blocked
+    delivery.peers[b"B"].blocked_until = 0.0
+    delivery.begin_batch()
+    assert delivery.deliver_posted(peer, "q", [body(1)], 61.0, 1.0) is None  # a batch is open
+    delivery.end_batch(1.0)
+    assert (delivery.peers, delivery.inboxes, delivery.bytes_held) == before
+    out = delivery.deliver_posted(peer, "q", [body(7)], 61.0, 1.0)
+    assert out is not None and received([out], b"B", "q") == [7]
+    assert pushes([out], b"B")[0][1] == [60_000]  # the ttl in ms
+
+
 def fill_around_as_slots(a, c) -> None:
     """A reserves 2 of q's 5 slots (grant (5 - 0) // 2) and C queues 3: q is full, with room
     only in A's slots."""
