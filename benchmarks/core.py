@@ -3,10 +3,10 @@
 Usage::
 
     .venv/bin/python benchmarks/core.py [--messages N] [--rtt N] [--window W] [--timeout S]
-                                        [--repeat N] [--no-floor] [--busy-poll US] [--json]
+                                        [--repeat N] [--no-floor] [--busy-poll US,...] [--json]
                                         [--profile DIR]
 
-One invocation runs four set-ups with the same 64-byte payload (a msgpack map
+One invocation runs four set-ups (by default) with the same 64-byte payload (a msgpack map
 ``{"type": "bench", "seq": <8 bytes>, "pad": <bytes>}`` that serialises to exactly 64 bytes):
 
 (a) reference: a plain-Python forwarder process (ROUTER, ``ROUTER_MANDATORY``) that passes each
@@ -22,9 +22,10 @@ One invocation runs four set-ups with the same 64-byte payload (a msgpack map
     sender, which the client pipelines with reserved slots; ``ChannelFull`` is retried with
     backoff while later sends wait), received and checked for order by the other process.
     Round trip: ping-pong over two normal channels.
-(d) busy-poll bus: the same with the broker's ``--busy-poll`` at ``--busy-poll`` microseconds
-    (default 200; 0 skips it): it polls for the next command that long before sleeping, which
-    spares it wake-ups for a busy CPU (docs/configuration.md, "Busy polling").
+(d) busy-poll bus: the same with the broker's ``--busy-poll`` set, one set-up for each value
+    given to ``--busy-poll`` (default 200 µs; ``none`` for no such set-up): the broker polls for
+    the next command that long before it sleeps, which spares wake-ups for a busy CPU
+    (docs/configuration.md, "Busy polling").
 
 The table also shows the CPU time (user + system, all threads, from /proc) each process spent per
 message during the throughput phase and per round trip during the latency phase: on a busy host
@@ -233,13 +234,14 @@ def run_floor(opts, deadline: float, env: dict) -> dict:
     return _run_forwarded("floor", opts, deadline, env)
 
 
-def run_bus(opts, deadline: float, env: dict, busy_poll: int = 0) -> dict:
-    """The bus: a broker with its defaults (or ``busy_poll``) and two AsyncClients."""
+def run_bus(opts, deadline: float, env: dict, busy_poll: int | None = None) -> dict:
+    """The bus: a broker with its defaults (or ``--busy-poll busy_poll``) and two AsyncClients."""
     children: list[Child] = []
     try:
         broker = Child("broker", [
             "-m", "consumers.cli", "broker", "--bind", f"tcp://{HOST}:*",
-            "--pub-bind", f"tcp://{HOST}:*", "--log-level", "WARNING", "--busy-poll", str(busy_poll),
+            "--pub-bind", f"tcp://{HOST}:*", "--log-level", "WARNING",
+            *(() if busy_poll is None else ("--busy-poll", str(busy_poll))),
         ], opts.profile, env)
         children.append(broker)
         endpoint = broker.expect(deadline, pattern=BROKER_LINE).group(1)
@@ -247,10 +249,6 @@ def run_bus(opts, deadline: float, env: dict, busy_poll: int = 0) -> dict:
     finally:
         for child in reversed(children):
             child.stop(grace=0.0 if child.name == "broker" else 5.0)
-
-
-def run_bus_busy(opts, deadline: float, env: dict) -> dict:
-    return run_bus(opts, deadline, env, opts.busy_poll)
 
 
 def _fmt(value, spec: str) -> str:
@@ -261,12 +259,16 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-SETUPS = (  # (key, row label, runner), in the order they run and are shown
-    ("reference", "reference (pyzmq forwarder)", run_reference),
-    ("floor", "asyncio floor (same, asyncio)", run_floor),
-    ("bus", "bus (AsyncClient + broker)", run_bus),
-    ("busy", "bus, broker --busy-poll", run_bus_busy),
-)
+def setups(opts) -> list[tuple]:
+    """(key, row label, runner) of each set-up, in the order they run and are shown."""
+    found = [("reference", "reference (pyzmq forwarder)", run_reference)]
+    if opts.floor:
+        found.append(("floor", "asyncio floor (same, asyncio)", run_floor))
+    found.append(("bus", "bus (AsyncClient + broker)", run_bus))
+    for value in opts.busy_poll:
+        found.append((f"busy{value}", f"bus, broker --busy-poll {value}",
+                      lambda opts, deadline, env, value=value: run_bus(opts, deadline, env, value)))
+    return found
 
 
 def report(results: dict, opts) -> str:
@@ -281,7 +283,7 @@ def report(results: dict, opts) -> str:
         f"{'':30}{'msgs/s':>9}{'p50 us':>8}{'p99 us':>8}  CPU us/msg send/mid/recv"
         "  CPU us/rt send/mid/recv  notes",
     ]
-    for key, name, _ in SETUPS:
+    for key, name, _ in setups(opts):
         r = results.get(key)
         if r is None:
             continue
@@ -292,17 +294,16 @@ def report(results: dict, opts) -> str:
             notes.append(f"{r['retries']} ChannelFull retries")
         cpu = [_fmt((r.get(per) or {}).get(role), spec) for per, spec in
                (("cpu_us_per_msg", ".1f"), ("cpu_us_per_rt", ".0f")) for role in ("sender", "middle", "receiver")]
-        if key == "busy":
-            name = f"{name} {opts.busy_poll}"
         rows.append(
             f"{name:30}{_fmt(r['msgs_per_s'], ',.0f'):>9}{_fmt(r['p50_us'], '.0f'):>8}"
             f"{_fmt(r['p99_us'], '.0f'):>8}  {'/'.join(cpu[:3]):>24}  {'/'.join(cpu[3:]):>23}  {', '.join(notes)}"
         )
-    ref, floor, bus, busy = (results.get(key) for key, _, _ in SETUPS)
-    for label, r, note in (
-        ("bus / reference", bus, "(throughput share, target >= 40%; p50 multiple, target <= 2x)"),
-        ("busy-poll bus / reference", busy, "(the same, the broker trading a busy CPU for latency)"),
-    ):
+    ref, floor = results["reference"], results.get("floor")
+    compared = [("bus / reference", results["bus"],
+                 "(throughput share, target >= 40%; p50 multiple, target <= 2x)")]
+    compared += [(f"--busy-poll {value} / reference", results[f"busy{value}"],
+                  "(the same with the broker's --busy-poll set)") for value in opts.busy_poll]
+    for label, r, note in compared:
         if r is not None:
             rows.append(
                 f"{label:30}{_fmt(_ratio(r['msgs_per_s'], ref['msgs_per_s']), '.1%'):>9}"
@@ -316,6 +317,19 @@ def report(results: dict, opts) -> str:
     return "\n".join(rows)
 
 
+def _microseconds_list(text: str) -> list[int]:
+    """``"0,200"`` -> [0, 200]; ``"none"`` -> []: values of the broker's --busy-poll."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers such as 0,200") from None
+    if not all(0 <= value <= 10_000 for value in values) or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each value once, from 0 to 10000 (the broker's limit)")
+    return values
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20000, help="messages for throughput (default 20000)")
@@ -327,9 +341,9 @@ def parse(argv):
     parser.add_argument("--repeat", type=int, default=1, help="runs of each set-up; medians are shown (default 1)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the asyncio floor (the reference forwarder with bare asyncio clients)")
-    parser.add_argument("--busy-poll", type=int, default=200, metavar="US",
-                        help="also run the bus with its broker's --busy-poll at US microseconds"
-                             " (default 200; 0 skips that set-up)")
+    parser.add_argument("--busy-poll", type=_microseconds_list, default=[200], metavar="US[,US...]",
+                        help="also run the bus with its broker's --busy-poll at each of these"
+                             " microseconds, a set-up each (default 200; 'none': no such set-up)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--profile", metavar="DIR", help="run each process under cProfile into DIR")
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
@@ -338,8 +352,6 @@ def parse(argv):
     for name in ("messages", "rtt", "window", "capacity", "repeat"):
         if getattr(opts, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if not 0 <= opts.busy_poll <= 10_000:
-        parser.error("--busy-poll must be from 0 to 10000 microseconds (the broker's limit)")
     if opts.warmup < 0 or opts.timeout <= 0:
         parser.error("--warmup must be >= 0 and --timeout above 0")
     return opts
@@ -355,12 +367,10 @@ def main(argv=None) -> int:
         os.makedirs(opts.profile, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     deadline = time.monotonic() + opts.timeout
-    skipped = {*(() if opts.floor else ("floor",)), *(() if opts.busy_poll else ("busy",))}
-    setups = [setup for setup in SETUPS if setup[0] not in skipped]
-    runs: dict[str, list[dict]] = {key: [] for key, _, _ in setups}
+    runs: dict[str, list[dict]] = {key: [] for key, _, _ in setups(opts)}
     try:
         for _ in range(opts.repeat):  # alternate, so a noisy neighbour hits every set-up alike
-            for key, _, runner in setups:
+            for key, _, runner in setups(opts):
                 runs[key].append(runner(opts, deadline, env))
     except TimeoutError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)

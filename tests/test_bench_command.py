@@ -50,7 +50,7 @@ def test_the_core_benchmark_runs_all_four_set_ups_to_completion():
                                        "--busy-poll", "300", "--timeout", "60")
     assert returncode == 0, output
     for row in ("reference (pyzmq forwarder)", "asyncio floor (same, asyncio)", "bus (AsyncClient + broker)",
-                "bus, broker --busy-poll 300", "bus / reference", "busy-poll bus / reference",
+                "bus, broker --busy-poll 300", "bus / reference", "--busy-poll 300 / reference",
                 "asyncio floor / reference"):
         assert row in output, output
     assert "OUT OF ORDER" not in output and "only " not in output, output
