@@ -106,6 +106,8 @@ class BrokerServer:
         if self.router is None:
             self.bind()
         log.info("channelbus broker listening on %s, publishing on %s", self.endpoint, self.pub_endpoint)
+        if self.config.busy_poll:
+            log.info("busy-polling for %d us after commands before sleeping (--busy-poll)", self.config.busy_poll)
         commands = self._commands
         next_tick = time.monotonic() + TICK_SECONDS
         next_beat = time.monotonic() + self.config.heartbeat

@@ -67,6 +67,7 @@ def test_round_trips_through_a_busy_polling_broker_are_caught_whole_and_it_then_
     assert counters["busy_polled"] >= ROUNDS
     assert counters["received"] == counters["delivered"] == 2 * ROUNDS
     assert "command(s) caught without a wake-up" in format_stats(sample)
+    assert "busy-polling for 10000 us after commands" in broker.stderr_path.read_text()  # (logged by now)
     # With nothing coming, the broker sleeps: no poll after its ticks or heartbeats.
     time.sleep(0.1)
     before = cpu_seconds(broker.process.pid)
