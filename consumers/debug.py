@@ -146,12 +146,12 @@ def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = 
             lines.append(f"  {queued:>8} {inflight:>9} {reserved:>8}  {name}")
     lines.append(f"groups: {sample['groups']} (group sends {counters['group_sends']},"
                  f" members skipped as full {counters['group_skipped']})")
-    caught, missed = counters.get("busy_polled", 0), counters.get("busy_poll_missed", 0)
-    if caught or missed:  # (only a broker run with --busy-poll counts these)
-        lines.append(f"busy poll: {caught} command(s) caught without a wake-up, {missed} poll(s)"
-                     f" ran out ({caught / (caught + missed):.0%} caught)")
     if sample["top_groups"]:
         lines.append(f"  {'MEMBERS':>8}  GROUP")
         for name, members in sample["top_groups"]:
             lines.append(f"  {members:>8}  {name}")
+    caught, missed = counters.get("busy_polled", 0), counters.get("busy_poll_missed", 0)
+    if caught or missed:  # (only a broker run with --busy-poll counts these)
+        lines.append(f"busy poll: {caught} command(s) caught without a wake-up, {missed} poll(s)"
+                     f" ran out ({caught / (caught + missed):.0%} caught)")
     return "\n".join(lines)

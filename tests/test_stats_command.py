@@ -63,3 +63,19 @@ def test_format_stats_text_names_every_refusal_kind():
     text = format_stats(sample)
     assert "up 1h01m40s" in text and "memory 2.0 KiB of 1.0 MiB" in text
     assert "full 4, too large 5, memory 6, bad frames 7; expired 8" in text
+
+
+def test_format_stats_shows_busy_polls_last_and_only_when_the_broker_polled():
+    sample = {
+        "uptime": 10.0, "clients": 1, "bytes_held": 0, "max_memory": 1 << 20,
+        "channels": 0, "queued": 0, "inflight": 0, "reserved": 0, "groups": 1,
+        "top_channels": [], "top_groups": [["room", 3]],
+        "counters": {"received": 0, "delivered": 0, "full": 0, "too_large": 0, "memory_refused": 0,
+                     "bad_frames": 0, "expired": 0, "group_sends": 0, "group_skipped": 0,
+                     "busy_polled": 0, "busy_poll_missed": 0},
+    }
+    assert "busy poll" not in format_stats(sample)
+    sample["counters"].update(busy_polled=30, busy_poll_missed=10)
+    lines = format_stats(sample).splitlines()
+    assert lines[-2].split() == ["3", "room"]  # (the group list stays under its heading)
+    assert lines[-1] == "busy poll: 30 command(s) caught without a wake-up, 10 poll(s) ran out (75% caught)"
