@@ -16,7 +16,8 @@ One invocation runs four set-ups (by default) with the same 64-byte payload (a m
 (b) asyncio floor: the same forwarder and the same DEALERs, read from an asyncio loop through
     their FDs with nothing else (``corebench.reference.AsyncDealer``): what an asyncio client
     costs on this hop before it does any work of the bus's. Skip it with ``--no-floor``.
-(c) bus: a real broker (``python -m consumers.cli broker`` on 127.0.0.1 with ports ``*``) and an
+(c) bus: a real broker (``python -m consumers.cli broker`` on 127.0.0.1 with ports ``*`` and
+    otherwise its defaults: no ``CHANNELBUS_*`` variable of the calling shell is passed on) and an
     ``AsyncClient`` in each of two processes. Throughput: N ``send`` calls to a normal channel of
     capacity ``--capacity`` from ``--window`` concurrent send loops (default 1: an awaiting
     sender, which the client pipelines with reserved slots; ``ChannelFull`` is retried with
@@ -365,7 +366,9 @@ def main(argv=None) -> int:
     if opts.profile:
         opts.profile = os.path.abspath(opts.profile)
         os.makedirs(opts.profile, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CHANNELBUS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    # (no CHANNELBUS_* setting of this shell reaches the broker: the bus row is its defaults)
     deadline = time.monotonic() + opts.timeout
     runs: dict[str, list[dict]] = {key: [] for key, _, _ in setups(opts)}
     try:
