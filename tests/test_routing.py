@@ -6,6 +6,7 @@ returns is decoded with msgpack and checked.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import msgpack
@@ -716,13 +717,12 @@ def test_a_post_pushed_on_at_once_sends_and_leaves_what_queue_then_pump_would(na
 
 
 def test_deliver_posted_declines_what_it_does_not_cover_and_changes_nothing(router, a, b):
-    import copy
-
     ok(a.reserve("q", 4, cap=100), b"A")
     delivery = router.delivery
     before = copy.deepcopy((delivery.peers, delivery.inboxes, delivery.bytes_held))
     peer = delivery.peers[b"A"]
     assert delivery.deliver_posted(peer, "q", [body(1)], 61.0, 1.0) is None  # no receiver ready
+    assert (delivery.peers, delivery.inboxes, delivery.bytes_held) == before
     b.credit("q", 1)
     before = copy.deepcopy((delivery.peers, delivery.inboxes, delivery.bytes_held))
     assert delivery.deliver_posted(peer, "q", [body(1), body(2)], 61.0, 1.0) is None  # credit 1 < 2
