@@ -164,12 +164,7 @@ class Delivery:
         n = len(bodies)
         held = peer.reserved.get(name, 0)
         if held >= n:  # (the usual case: a POST within its sender's slots)
-            if held == n:
-                del peer.reserved[name]
-            else:
-                peer.reserved[name] = held - n
-            inbox = self.inboxes[name]
-            inbox.reserved -= n
+            inbox = self._use_slots(peer, name, held, n)
         else:
             taken = _take(peer.reserved, name, n)
             if taken:
@@ -206,26 +201,26 @@ class Delivery:
         credit = receiver.credits.get(name, 0) - n
         if credit < 0:
             return None
-        if held == n:
-            del peer.reserved[name]
-        else:
-            peer.reserved[name] = held - n
-        inbox.reserved -= n
-        inbox.inflight += n
-        items = [(body, expires_at) for body in bodies]  # (live: a POST's expiry is above 0)
-        unacked = receiver.unacked.get(name)
-        if unacked is None:
-            unacked = receiver.unacked[name] = deque()
-        unacked.extend(items)  # kept (and counted in bytes_held) until acknowledged
+        self._use_slots(peer, name, held, n)
         self.bytes_held += sum(map(len, bodies)) + ITEM_OVERHEAD * n
-        self.stats["delivered"] += n
         receiver.credits[name] = credit
         ready.popleft()
         if credit:  # (round robin, as pump does it)
             ready.append(rid)
+        items = [(body, expires_at) for body in bodies]  # (live: a POST's expiry is above 0)
         ttl = int((expires_at - now) * 1000) or 1
-        header = self._pack({"ch": name, "ttl": [ttl] * n, "at": now + self.wall_offset})
-        return Out(rid, [_MSG, header, *bodies], (name, items))
+        return self._in_flight(receiver, name, inbox, items, bodies, [ttl] * n, now)
+
+    def _use_slots(self, peer: Peer, name: str, held: int, n: int) -> Inbox:
+        """Fill ``n`` of the ``held`` (at least ``n``) slots ``peer`` reserved on ``name``;
+        return the channel's inbox."""
+        if held == n:
+            del peer.reserved[name]
+        else:
+            peer.reserved[name] = held - n
+        inbox = self.inboxes[name]
+        inbox.reserved -= n
+        return inbox
 
     def release(self, peer: Peer, name: str, n: int) -> None:
         """Give back ``n`` of ``peer``'s slots on ``name`` (0: all of them, revoked ones too)."""
@@ -351,6 +346,12 @@ class Delivery:
             ttls.append(int((expires_at - now) * 1000) or 1)  # (at least 1 ms: it is live)
         if not items:
             return None
+        return self._in_flight(peer, name, inbox, items, bodies, ttls, now)
+
+    def _in_flight(self, peer: Peer, name: str, inbox: Inbox, items: list, bodies: list, ttls: list,
+                   now: float) -> Out:
+        """Count ``items`` (taken off ``name``'s queue, or never queued) as pushed to ``peer``
+        and not yet acknowledged; return their MSG (``bodies``, ``ttls``: theirs, in order)."""
         inbox.inflight += len(items)
         unacked = peer.unacked.get(name)
         if unacked is None:

@@ -331,10 +331,8 @@ class Router(GroupRouting, RecallWaits):
         """A POST's work, from its command or from its frames (``handle``'s fast path)."""
         # What the acks release and the bodies queued before a refusal are delivered all the
         # same: the refusal is returned with them rather than raised over them.
-        out: list[Out] = []
+        out = self._take_acks(peer, acks, now) if acks else []
         delivery = self.delivery
-        for name, n in acks:
-            out += delivery.ack(peer, name, n, now)
         if expiry > self.limits.max_expiry or not self._bodies_fit(bodies):
             try:  # (something is wrong: find what, for the refusal)
                 self._check_settings(1, expiry)
