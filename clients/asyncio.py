@@ -245,8 +245,7 @@ class AsyncClient(Link, FrontDoor):
     async def _call(self, rid: int, frames: list[bytes], online: bool = False) -> dict:
         """Send a request and wait for its reply. Unless ``online`` (HELLO itself), wait for
         the link first; all of it within ``timeout``."""
-        if self._closed:
-            raise BusError("the client is closed")
+        self._ensure_open()
         self._check_loop()
         deadline = time.monotonic() + self.timeout
         while True:

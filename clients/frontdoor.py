@@ -4,6 +4,7 @@ publisher endpoint to dial, and the settings of their sockets."""
 from __future__ import annotations
 
 from .core import ClientCore
+from .errors import BusError
 
 RECONNECT_MS = 100  # first reconnection attempt after this long, doubling up to RECONNECT_MAX_MS
 RECONNECT_MAX_MS = 2000
@@ -11,9 +12,16 @@ CLOSE_LINGER_MS = 500  # how long a closed socket may still send its last ACK an
 
 
 class FrontDoor:
-    """What ``Client`` and ``AsyncClient`` share besides the core: read-only views of it."""
+    """What ``Client`` and ``AsyncClient`` share besides the core: read-only views of it, and
+    the refusal of every call once closed."""
 
     _core: ClientCore
+    _closed: bool
+
+    def _ensure_open(self) -> None:
+        """Every call on a closed client raises the same BusError (none is silently lost)."""
+        if self._closed:
+            raise BusError("the client is closed")
 
     @property
     def client_id(self) -> str:

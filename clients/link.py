@@ -111,8 +111,7 @@ class Link:
     async def connect(self) -> None:
         """Open the sockets and say HELLO (idempotent). Raises BrokerUnavailable, LimitExceeded,
         and BusError once the client is closed."""
-        if self._closed:
-            raise BusError("the client is closed")
+        self._ensure_open()
         if self._loop is not None:
             self._check_loop()
             if self._connecting is not None and not self._connecting.done():

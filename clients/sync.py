@@ -102,8 +102,7 @@ class Client(FrontDoor):
 
         With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
         self._catch_up()
-        if self._closed:
-            raise BusError("the client is closed")
+        self._ensure_open()
         if self._core.outgoing:
             self._flush_outgoing()  # (what was queued goes first; then this send goes alone)
         rid, frames = self._core.send(channel, message, time.monotonic(), alone=True)
@@ -144,8 +143,7 @@ class Client(FrontDoor):
         """The next message of ``channel``; waits up to ``timeout`` seconds (forever if None).
 
         Raises ReceiveTimeout when nothing came in time."""
-        if self._closed:
-            raise BusError("the client is closed")
+        self._ensure_open()
         core = self._core
         core.start_receiving(channel)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -166,8 +164,7 @@ class Client(FrontDoor):
 
     def group_add(self, group: str, channel: str) -> None:
         """Add ``channel`` to ``group``; on return every later group_send reaches it."""
-        if self._closed:
-            raise BusError("the client is closed")
+        self._ensure_open()
         core = self._core
         rid, frames = core.group_add(group, channel)
         self._flush_outgoing()  # the subscription goes out before the request
@@ -251,8 +248,7 @@ class Client(FrontDoor):
             self._io(0)
 
     def _call(self, rid: int, frames: list[bytes]) -> dict:
-        if self._closed:
-            raise BusError("the client is closed")
+        self._ensure_open()
         self._catch_up()
         deadline = time.monotonic() + self.timeout
         while True:
