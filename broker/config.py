@@ -58,6 +58,7 @@ class BrokerConfig:
     max_memory: int = 512 * 1024 * 1024
     heartbeat: float = 1.0
     busy_poll: int = 0  # microseconds the broker keeps polling for the next command before it sleeps
+    check: bool = False  # check the routing state's rules (conservation) after every batch and tick
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class BrokerConfig:
                 f"busy_poll must be a whole number of microseconds from 0 (off) to {MAX_BUSY_POLL},"
                 f" got {self.busy_poll!r}"
             )
+        if type(self.check) is not bool:
+            raise ConfigError(f"check must be true or false, got {self.check!r}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 

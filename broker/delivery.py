@@ -14,9 +14,11 @@ capacity a sender asked for: that is what makes ``full`` exact even for pipeline
 - A process-specific channel's messages go straight to the connected peer whose client id the
   name carries; capacity alone bounds what it holds. With that peer absent they wait.
 - A sender may reserve slots (SEND ``want``, RESERVE) and then POST into them without waiting
-  for a reply; unused slots go back with RELEASE, or when the peer leaves, or are revoked when
-  it does not answer a RECALL in time (``revoke``; POSTs already on their way into them are
-  still taken until its RELEASE, so nothing is lost).
+  for a reply. Slots change hands only by what the holder says (a POST uses them, RELEASE gives
+  them back) or when the holder leaves; a slot the broker revokes (``revoke``: a SEND needs the
+  room) stops counting towards the channel's depth but still takes the holder's POSTs until
+  it RELEASEs the channel, because they may already be on their way. So every POST a client
+  sends into a slot its grants gave it is queued: none is ever refused for want of a slot.
 - Expired messages are dropped, never delivered; pushes carry the time left in ms (``ttl``)
   and the broker's wall clock (``at``), so a client can discount time spent in its socket.
 - An inbox with nothing queued, in flight or reserved and no credit is deleted.
@@ -54,7 +56,7 @@ class Peer:
     credits: dict[str, int] = field(default_factory=dict)
     unacked: dict[str, deque] = field(default_factory=dict)  # pushed items, oldest first
     reserved: dict[str, int] = field(default_factory=dict)
-    revoked: dict[str, int] = field(default_factory=dict)  # slots taken back unanswered (RECALL)
+    revoked: dict[str, int] = field(default_factory=dict)  # slots revoked, still open to its POSTs
     blocked_until: float = 0.0
     heartbeat: float = 0.0  # seconds between the client's heartbeats; 0: it sends none
     last_seen: float = 0.0
@@ -97,6 +99,7 @@ class Delivery:
         self.inboxes: dict[str, Inbox] = {}
         self.stalled: set[str] = set()
         self.bytes_held = 0  # bodies queued in inboxes (plus ITEM_OVERHEAD each): the memory ceiling's measure
+        self.held = 0  # messages queued or in flight (what bytes_held measures, counted)
         self._dirty: set[str] | None = None
         self._pack = wire.packer()  # (the broker's one thread)
 
@@ -140,6 +143,8 @@ class Delivery:
                 return False
         inbox.add(body, expires_at)
         self.bytes_held += len(body) + ITEM_OVERHEAD
+        self.held += 1
+        self.stats["accepted"] += 1
         return True
 
     def reserve(self, peer: Peer, name: str, capacity: int, want: int, now: float) -> int:
@@ -157,10 +162,10 @@ class Delivery:
             self.gc(name)
         return grant
 
-    def post(self, peer: Peer, name: str, bodies, expires_at: float, revoked: bool = True) -> int:
-        """Queue ``bodies``, in order, into slots ``peer`` reserved (and, with ``revoked``, ones
-        revoked from it: POSTs into them were on their way); return how many were queued
-        (fewer than all when it holds fewer slots)."""
+    def post(self, peer: Peer, name: str, bodies, expires_at: float) -> int:
+        """Queue ``bodies``, in order, into slots ``peer`` reserved, and then into slots revoked
+        from it (POSTs into them were on their way before it heard of it); return how many
+        were queued (fewer than all when it holds fewer slots)."""
         n = len(bodies)
         held = peer.reserved.get(name, 0)
         if held >= n:  # (the usual case: a POST within its sender's slots)
@@ -169,8 +174,7 @@ class Delivery:
             taken = _take(peer.reserved, name, n)
             if taken:
                 self.inboxes[name].reserved -= taken
-            if revoked:
-                taken += _take(peer.revoked, name, n - taken)
+            taken += _take(peer.revoked, name, n - taken)
             if not taken:
                 return 0
             inbox = self.inbox(name)
@@ -179,6 +183,8 @@ class Delivery:
         for body in bodies[:n] if n < len(bodies) else bodies:
             add(body, expires_at)
             self.bytes_held += len(body) + ITEM_OVERHEAD
+        self.held += n
+        self.stats["accepted"] += n
         return n
 
     def deliver_posted(self, peer: Peer, name: str, bodies, expires_at: float, now: float) -> Out | None:
@@ -203,6 +209,8 @@ class Delivery:
             return None
         self._use_slots(peer, name, held, n)
         self.bytes_held += sum(map(len, bodies)) + ITEM_OVERHEAD * n
+        self.held += n
+        self.stats["accepted"] += n
         receiver.credits[name] = credit
         ready.popleft()
         if credit:  # (round robin, as pump does it)
@@ -233,15 +241,21 @@ class Delivery:
             inbox.reserved -= n
             self.gc(name)
 
-    def revoke(self, peer: Peer, name: str) -> int:
-        """Take back every slot ``peer`` holds on ``name`` without its RELEASE (it did not
-        answer a RECALL in time); return how many. POSTs into them are still taken (``post``)
-        until it RELEASEs them: they may have been on their way."""
-        n = peer.reserved.pop(name, 0)
-        if n:
-            peer.revoked[name] = peer.revoked.get(name, 0) + n
-            self.inboxes[name].reserved -= n
-        return n
+    def revoke(self, name: str) -> list[tuple[Peer, int]]:
+        """Take back every slot reserved on ``name``, whoever holds it: they stop counting
+        towards its depth. Return each holder with how many it lost. POSTs into them are still
+        taken (``post``) until the holder RELEASEs the channel: they may be on their way."""
+        inbox = self.inboxes.get(name)
+        if inbox is None or not inbox.reserved:
+            return []
+        holders = []
+        for peer in self.peers.values():
+            n = peer.reserved.pop(name, 0)
+            if n:
+                peer.revoked[name] = peer.revoked.get(name, 0) + n
+                holders.append((peer, n))
+        inbox.reserved = 0
+        return holders
 
     def purge(self, inbox: Inbox, now: float) -> None:
         """Drop what has expired in ``inbox`` (nothing to do, and no scan, until its soonest
@@ -250,12 +264,14 @@ class Delivery:
         if dropped:
             self.stats["expired"] += len(dropped)
             self.bytes_held -= _size(dropped)
+            self.held -= len(dropped)
 
     def drop_queued(self, name: str) -> int:
         """Empty ``name``'s queue (flush, or its owner left); return how many were dropped."""
         inbox = self.inboxes[name]
         dropped = inbox.clear()
         self.bytes_held -= _size(dropped)
+        self.held -= len(dropped)
         self.gc(name)
         return len(dropped)
 
@@ -289,6 +305,8 @@ class Delivery:
         if not items:
             del peer.unacked[name]
         self.bytes_held -= freed
+        self.held -= n
+        self.stats["acknowledged"] += n
         inbox = self.inboxes[name]
         inbox.inflight -= n
         if inbox.owner is None:
@@ -339,6 +357,7 @@ class Delivery:
             body, expires_at = item
             if expires_at <= now:
                 self.bytes_held -= len(body) + ITEM_OVERHEAD
+                self.held -= 1
                 self.stats["expired"] += 1
                 continue
             items.append(item)
@@ -396,6 +415,8 @@ class Delivery:
                 self.stalled.add(name)
             else:
                 self.bytes_held -= _size(items)
+                self.held -= len(items)
+                self.stats["dropped_owner_gone"] += len(items)
         for name, held in peer.reserved.items():
             inbox = self.inboxes.get(name)
             if inbox is not None:
@@ -409,7 +430,7 @@ class Delivery:
         if drop_specific:
             for name in [n for n in self.inboxes if owner_of(n) == peer.client]:
                 # (an inbox stays while another sender still holds reserved slots in it)
-                self.stats["expired"] += self.drop_queued(name)
+                self.stats["dropped_owner_gone"] += self.drop_queued(name)
 
     def reset(self, peer: Peer) -> list[Out]:
         """A peer is back on a new connection (its HELLO says ``reset``): whatever it was pushed

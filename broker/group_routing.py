@@ -121,7 +121,8 @@ class GroupRouting:
             self._check_settings(capacity, cmd.expiry)
         self._check_body(cmd.body)
         patterns = self._compile(cmd.channel_capacity)  # all of them before any member is served
-        self.stats["group_sends"] += 1
+        stats = self.stats
+        stats["group_sends"] += 1
         delivery = self.delivery
         out: list[Out] = []
         queued = skipped = 0
@@ -131,15 +132,20 @@ class GroupRouting:
                 specific = True
                 continue
             capacity = next((cap for pattern, cap in patterns if pattern.match(name)), cmd.capacity)
+            # Each normal member's copy is accepted: queued, or dropped for a named reason.
             if not self._memory_left(len(cmd.body)):
-                self.stats["memory_refused"] += 1
+                stats["memory_refused"] += 1
+                stats["accepted"] += 1
+                stats["dropped_memory"] += 1
                 skipped += 1
             elif delivery.enqueue(name, cmd.body, capacity, now + cmd.expiry, now):
                 queued += 1
                 out += delivery.kick(name, now)
             else:
+                stats["accepted"] += 1
+                stats["dropped_full"] += 1
                 skipped += 1
-        self.stats["group_skipped"] += skipped
+        stats["group_skipped"] += skipped
         if specific:
             seq = self.published[cmd.group] = self.published.get(cmd.group, 0) + 1
             header = {"op": "msg", "ttl": int(cmd.expiry * 1000), "at": now + self.wall_offset,

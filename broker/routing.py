@@ -9,11 +9,14 @@ retries stalled deliveries. The server owns the sockets and the clock; it may wr
 messages in ``begin_batch()`` / ``end_batch(now)`` so deliveries go out once per burst.
 
 Channels, credit and reservations live in ``delivery.Delivery``; the group commands in
-``group_routing.GroupRouting``; SENDs that wait for recalled slots in ``recall.RecallWaits``
-(both mixed into ``Router``; see their rules). Here:
+``group_routing.GroupRouting`` (mixed into ``Router``; see their rules). Here:
 
 - Requests are checked against the operator's ``Limits``; a refusal is an ERROR reply with a
   code and the limit, and costs the peer nothing else.
+- A SEND is refused ``full`` only when the channel's messages (queued and in flight) fill the
+  sender's capacity. When reserved slots are what fills it, the broker revokes them all at once
+  (``Delivery.revoke``; each holder is told with a RECALL) and queues the SEND: every request
+  is answered at once, and nobody's slots make ``full`` come early.
 - A peer that sends more than ``max_bad_frames`` bad messages within STRIKE_WINDOW seconds is
   ignored for ``ban_seconds``.
 """
@@ -26,14 +29,15 @@ from typing import Callable
 
 from .delivery import ITEM_OVERHEAD, PUB, Delivery, Out, Peer
 from .group_routing import GROUP_SWEEP_SECONDS, JOIN_TIMEOUT, GroupRouting
+from . import invariants
+from .invariants import CONSERVATION
 from .protocol import wire
 from .protocol.errors import ProtocolError
 from .protocol.fields import MAP_FIRST_BYTES
 from .protocol.names import CONTROL_TOPIC, owner_of
-from .recall import RECALL_TIMEOUT, RecallWaits
 
 __all__ = [
-    "GROUP_SWEEP_SECONDS", "JOIN_TIMEOUT", "LIVENESS", "PUB", "RECALL_TIMEOUT", "REFUSALS",
+    "GROUP_SWEEP_SECONDS", "JOIN_TIMEOUT", "LIVENESS", "PUB", "REFUSALS",
     "RESERVE_HEADROOM", "STRIKE_WINDOW", "Limits", "Out", "Router",
 ]
 
@@ -58,7 +62,7 @@ class Limits:
     heartbeat: float = 1.0  # seconds between the broker's heartbeats to each peer
 
 
-class Router(GroupRouting, RecallWaits):
+class Router(GroupRouting):
     def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "", wall_offset: float = 0.0,
                  started: float = 0.0, instance: str = "") -> None:
         """``wall_offset`` turns the monotonic ``now`` into wall-clock seconds for the ``at`` and
@@ -71,14 +75,14 @@ class Router(GroupRouting, RecallWaits):
         self.stats = dict.fromkeys(
             ("received", "delivered", "full", "expired", "too_large", "memory_refused",
              "bad_frames", "group_sends", "group_skipped", "revoked",
-             "busy_polled", "busy_poll_missed"), 0,  # (the last two: counted by the server)
+             "busy_polled", "busy_poll_missed",  # (these two: counted by the server)
+             *CONSERVATION), 0,
         )
         self.delivery = Delivery(self.stats, wall_offset)
         # Until end_batch(now), deliver to receivers once per burst rather than per message:
         # the delivery's own methods (one call less per message than methods that pass through).
         self.begin_batch, self.end_batch = self.delivery.begin_batch, self.delivery.end_batch
         self._init_groups()  # groups, joining, published
-        self._init_recalls()  # recalling
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
         self._strikes_since: dict[bytes, float] = {}
@@ -149,7 +153,6 @@ class Router(GroupRouting, RecallWaits):
         """Expire messages, memberships and waits that are due; retry stalled deliveries."""
         self._sweep_groups(now)
         out = self.delivery.tick(now)
-        out += self._expire_recalls(now)
         out += self._expire_joins(now)
         return out
 
@@ -164,6 +167,12 @@ class Router(GroupRouting, RecallWaits):
         beat = [wire.HB, wire.pack({"instance": self.instance})]
         out += [Out(rid, beat) for rid in self.delivery.peers]
         return out
+
+    def check(self, scan: bool = True) -> None:
+        """Raise ``invariants.InvariantError`` if the state breaks a rule (conservation first):
+        the broker's check mode calls this after every batch and tick (``scan``, which looks at
+        every message held: only at ticks)."""
+        invariants.check(self, scan)
 
     def unsent(self, rid: bytes, push: tuple[str, list], now: float, gone: bool) -> list[Out]:
         """The server could not send a MSG: requeue its items at the front of the inbox.
@@ -183,13 +192,9 @@ class Router(GroupRouting, RecallWaits):
     # -- helpers ----------------------------------------------------------------------------
 
     def _forget(self, peer: Peer) -> list[Out]:
-        """Drop a peer and everything of its; answer GADDs that waited for it, and retry SENDs
-        that waited for its slots."""
-        held = list(peer.reserved)
+        """Drop a peer and everything of its; answer GADDs that waited for it."""
         self.delivery.forget(peer, drop_specific=True)
-        out = self._forget_groups(peer.client)
-        out += self._forget_recalls(peer.rid, held, self._last_now)
-        return out
+        return self._forget_groups(peer.client)
 
     def _strike(self, rid: bytes, err: ProtocolError, now: float, request_id=None) -> list[Out]:
         self.stats["bad_frames"] += 1
@@ -302,25 +307,44 @@ class Router(GroupRouting, RecallWaits):
         self._check_body(cmd.body)
         self._check_memory(len(cmd.body))
         delivery = self.delivery
-        if cmd.channel in self.recalling or not delivery.enqueue(
-            cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now
-        ):
-            # A sender whose own slots are what fills the channel (its grant crossed this SEND)
-            # uses one of them; otherwise others' slots may be recalled.
-            if not delivery.post(peer, cmd.channel, (cmd.body,), now + cmd.expiry, revoked=False):
-                return self._recall_or_refuse(peer, cmd, now)
+        out: list[Out] = []
+        if not delivery.enqueue(cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now):
+            out = self._revoke(cmd.channel, cmd.capacity)  # (the sender's own slots too)
+            if not out or not delivery.enqueue(cmd.channel, cmd.body, cmd.capacity, now + cmd.expiry, now):
+                out.append(Out(peer.rid, wire.error(cmd.id, self._full(cmd))))
+                return out
         self.stats["received"] += 1
         reply = wire.ok(cmd.id)
-        if cmd.want and cmd.channel not in self.recalling and self._memory_left(
-            RESERVE_HEADROOM * self.limits.max_message_size
-        ):
+        if cmd.want and self._memory_left(RESERVE_HEADROOM * self.limits.max_message_size):
             reply = wire.ok(cmd.id, grant=delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now))
-        return [Out(peer.rid, reply), *delivery.kick(cmd.channel, now)]
+        out.append(Out(peer.rid, reply))
+        out += delivery.kick(cmd.channel, now)
+        return out
+
+    def _revoke(self, name: str, capacity: int) -> list[Out]:
+        """If reserved slots are what fills ``name`` for ``capacity`` (its messages alone do
+        not), revoke them all and return a RECALL for each holder; else nothing."""
+        inbox = self.delivery.inboxes.get(name)
+        if inbox is None or not inbox.reserved or len(inbox.queue) + inbox.inflight >= capacity:
+            return []
+        recall = [wire.RECALL, wire.pack({"ch": name})]
+        out = []
+        for holder, n in self.delivery.revoke(name):
+            self.stats["revoked"] += n
+            out.append(Out(holder.rid, recall))
+        return out
+
+    def _full(self, cmd: wire.Send) -> ProtocolError:
+        self.stats["full"] += 1
+        return ProtocolError(
+            "full", f"channel {cmd.channel!r} already holds its capacity of {cmd.capacity} messages",
+            channel=cmd.channel, capacity=cmd.capacity,
+        )
 
     def _reserve(self, peer: Peer, cmd: wire.Reserve, now: float) -> list[Out]:
         self._check_settings(cmd.capacity)
         grant = 0
-        if cmd.channel not in self.recalling and self._memory_left(RESERVE_HEADROOM * self.limits.max_message_size):
+        if self._memory_left(RESERVE_HEADROOM * self.limits.max_message_size):
             grant = self.delivery.reserve(peer, cmd.channel, cmd.capacity, cmd.want, now)
         return [Out(peer.rid, wire.ok(cmd.id, grant=grant))]
 
@@ -360,17 +384,14 @@ class Router(GroupRouting, RecallWaits):
         return out
 
     def _release(self, peer: Peer, cmd: wire.Release, now: float) -> list[Out]:
-        out: list[Out] = []
         for name, n in cmd.slots:
             self.delivery.release(peer, name, n)
-            if name in self.recalling:
-                out += self._retry_recalled(name, now, final=False)
-        return out
+        return []
 
     def _flush(self, peer: Peer, cmd: wire.Flush, now: float) -> list[Out]:
         delivery = self.delivery
         for name in list(delivery.inboxes):
-            delivery.drop_queued(name)
+            self.stats["flushed"] += delivery.drop_queued(name)
         self.groups.clear()
         return [Out(peer.rid, wire.ok(cmd.id)), Out(PUB, [CONTROL_TOPIC, wire.pack({"op": "flush"})])]
 

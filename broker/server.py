@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from .config import BrokerConfig
+from .invariants import InvariantError
 from .zio import NOBLOCK, readable, recv_frames, send_frames
 from .routing import Router
 
@@ -68,6 +69,7 @@ class BrokerServer:
         self._sockets: list[zmq.Socket] = []
         self._dropped: dict[bytes, int] = {}  # replies dropped per peer since the last heartbeat
         self._idle_since = 0.0  # when the last batch of commands was done with
+        self.violation: InvariantError | None = None  # what the check mode found, if it stopped us
 
     def bind(self) -> "BrokerServer":
         self._commands = self._socket(zmq.ROUTER, self.config.bind)
@@ -108,6 +110,9 @@ class BrokerServer:
         log.info("channelbus broker listening on %s, publishing on %s", self.endpoint, self.pub_endpoint)
         if self.config.busy_poll:
             log.info("busy-polling for %d us after commands before sleeping (--busy-poll)", self.config.busy_poll)
+        check = self.config.check
+        if check:
+            log.info("checking the routing state's rules after every batch and tick (--check)")
         commands = self._commands
         next_tick = time.monotonic() + TICK_SECONDS
         next_beat = time.monotonic() + self.config.heartbeat
@@ -135,18 +140,33 @@ class BrokerServer:
                         pass
                 if first is not None:
                     self._read_commands(first)
+                    if check:
+                        self._check("a batch of commands", scan=False)
                 now = time.monotonic()
                 if now >= next_tick:
                     self._drain_subscriptions()
                     self._send(self.router.tick(now), now)
                     next_tick = now + TICK_SECONDS
+                    if check:
+                        self._check("a tick", scan=True)
                 if now >= next_beat:
                     self._send(self.router.heartbeat(now), now)
                     self._log_dropped()
                     next_beat = now + self.config.heartbeat
+                    if check:
+                        self._check("a heartbeat", scan=False)
         finally:
             self.close()
             log.info("channelbus broker stopped")
+
+    def _check(self, after: str, scan: bool) -> None:
+        """The check mode: raise (stopping the broker) if the routing state broke a rule."""
+        try:
+            self.router.check(scan)
+        except InvariantError as exc:
+            log.critical("check mode: after %s, %s", after, exc)
+            self.violation = exc
+            raise
 
     @staticmethod
     def _poll_busily(sock: zmq.Socket, until: float) -> list[bytes] | None:
@@ -233,6 +253,13 @@ class BrokerServer:
 def start_in_thread(config: BrokerConfig, context: zmq.Context | None = None) -> tuple[BrokerServer, threading.Thread]:
     """Bind a broker and serve it from a daemon thread; for tests and embedding."""
     server = BrokerServer(config, context).bind()
-    thread = threading.Thread(target=server.serve, name="channelbus-broker", daemon=True)
+
+    def serve() -> None:
+        try:
+            server.serve()
+        except InvariantError:
+            pass  # (logged, and kept in server.violation for whoever started it)
+
+    thread = threading.Thread(target=serve, name="channelbus-broker", daemon=True)
     thread.start()
     return server, thread

@@ -87,6 +87,7 @@ class Seconds(click.FloatRange):
         return number
 
 
+EXIT_BROKEN_RULE = 70  # (EX_SOFTWARE) the check mode found the routing state broke a rule
 ENDPOINT = Endpoint()
 CONNECT_ENDPOINT = Endpoint(any_port=False)
 SIZE = Size()
@@ -173,6 +174,13 @@ def main() -> None:
                    " sleeping (0: off). Trades CPU for latency: a command caught this way needs"
                    " no wake-up, but while commands come this often the broker uses a whole core."
                    f" At most {MAX_BUSY_POLL}.")
+@click.option("--check/--no-check", default=False, show_default=True,
+              envvar="CHANNELBUS_CHECK", show_envvar=True,
+              help="After every batch of commands and every tick, check the routing state's"
+                   " rules (every accepted message queued, in flight, acknowledged, expired,"
+                   " flushed or dropped for a named reason; counts that agree with what is"
+                   " held). A broken rule is logged and stops the broker (exit status 70)."
+                   " Costs a scan of everything held each time: for tests and debugging.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True, envvar="CHANNELBUS_LOG_LEVEL", show_envvar=True,
               help="Logging threshold.")
@@ -185,8 +193,10 @@ def run_broker(config: BrokerConfig) -> None:
     """Bind and run a broker for ``config`` in this process until SIGINT or SIGTERM.
 
     Prints the bound endpoints on stdout once listening; exits with status 2 and a one-line
-    error if an endpoint cannot be bound.
+    error if an endpoint cannot be bound, and with status 70 if its check mode finds a broken
+    rule.
     """
+    from broker.invariants import InvariantError
     from broker.server import BindError, BrokerServer
 
     logging.basicConfig(
@@ -209,7 +219,10 @@ def run_broker(config: BrokerConfig) -> None:
         )
     click.echo(f"channelbus broker listening on {server.endpoint}, publishing on {server.pub_endpoint}")
     sys.stdout.flush()
-    server.serve()
+    try:
+        server.serve()
+    except InvariantError:
+        sys.exit(EXIT_BROKEN_RULE)  # (serve logged what broke)
 
 
 def _is_loopback(endpoint: str) -> bool:

@@ -123,6 +123,21 @@ def rates(sample: dict, previous: dict | None) -> dict:
     }
 
 
+def _fates(sample: dict, counters: dict) -> str:
+    """Where every message the broker accepted is now; the two sides must be equal."""
+    dropped = counters["dropped_full"] + counters["dropped_memory"] + counters["dropped_owner_gone"]
+    total = (sample["queued"] + sample["inflight"] + counters["acknowledged"] + counters["expired"]
+             + counters["flushed"] + dropped)
+    line = (f"accounted: accepted {counters['accepted']} = queued {sample['queued']} + in flight"
+            f" {sample['inflight']} + acknowledged {counters['acknowledged']} + expired"
+            f" {counters['expired']} + flushed {counters['flushed']} + dropped {dropped} (group"
+            f" member full {counters['dropped_full']}, memory {counters['dropped_memory']}, owner"
+            f" gone {counters['dropped_owner_gone']})")
+    if total != counters["accepted"]:
+        line += f"  MISMATCH: the fates add up to {total}"
+    return line
+
+
 def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = False) -> str:
     """The operator's view of a STATS reply: a few lines of text, or one JSON object."""
     per_second = rates(sample, previous)
@@ -138,8 +153,11 @@ def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = 
         f" memory {counters['memory_refused']}, bad frames {counters['bad_frames']};"
         f" expired {counters['expired']}",
         f"channels: {sample['channels']} (queued {sample['queued']}, in flight {sample['inflight']},"
-        f" reserved {sample['reserved']}; slots revoked from silent holders {counters.get('revoked', 0)})",
+        f" reserved {sample['reserved']}; slots revoked for senders that needed the room"
+        f" {counters.get('revoked', 0)})",
     ]
+    if "accepted" in counters:  # (a broker that counts every message's fate)
+        lines.insert(2, _fates(sample, counters))
     if sample["top_channels"]:
         lines.append(f"  {'QUEUED':>8} {'IN FLIGHT':>9} {'RESERVED':>8}  CHANNEL")
         for name, queued, inflight, reserved in sample["top_channels"]:

@@ -1,7 +1,11 @@
 """Fixtures for the integration tests: real brokers (in a thread or as the ``channelbus broker``
 process) on ports the OS picks, and client code run in separate processes.
 
-Every broker and every process a test starts is stopped in its teardown.
+Every broker and every process a test starts is stopped in its teardown. Every broker runs its
+check mode (``--check``: the routing state's rules, conservation first, after every batch and
+tick): broker processes through ``CHANNELBUS_CHECK``, set here for everything the suite starts;
+brokers in threads through ``checked``, which ``BrokerServer.serve`` is held to below. A broken
+rule fails the test that broke it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,33 @@ import zmq
 from bus_workers import ProcessRunner
 from broker.config import BrokerConfig
 from broker.server import BrokerServer, start_in_thread
+from consumers.cli import EXIT_BROKEN_RULE
+
+os.environ["CHANNELBUS_CHECK"] = "1"  # (inherited by every broker process the suite starts)
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "tcp://127.0.0.1:*"
 READY_RE = re.compile(r"listening on (\S+), publishing on (\S+)")
 STARTUP_SECONDS = 15.0
 STOP_SECONDS = 5.0
+
+
+def checked(**settings) -> BrokerConfig:
+    """The BrokerConfig of a broker the suite starts: check mode on, whatever else is given."""
+    return BrokerConfig(**{"check": True, **settings})
+
+
+@pytest.fixture(autouse=True)
+def every_broker_checks(monkeypatch):
+    """No broker runs in a thread of the suite without its check mode; and one whose check
+    found a broken rule fails the test."""
+    serve = BrokerServer.serve
+
+    def checked_serve(server: BrokerServer) -> None:
+        assert server.config.check, "a broker started by a test must run its check mode (conftest.checked)"
+        serve(server)
+
+    monkeypatch.setattr(BrokerServer, "serve", checked_serve)
 
 
 @dataclass
@@ -80,7 +105,7 @@ def broker_factory():
     def start(**settings) -> ThreadBroker:
         settings.setdefault("bind", LOOPBACK)
         settings.setdefault("pub_bind", LOOPBACK)
-        server, thread = start_in_thread(BrokerConfig(**settings))
+        server, thread = start_in_thread(checked(**settings))
         started.append((server, thread))
         return ThreadBroker(_client_url(server.endpoint), server.pub_endpoint, server)
 
@@ -90,6 +115,7 @@ def broker_factory():
     for server, thread in started:
         thread.join(STOP_SECONDS)
         assert not thread.is_alive(), "broker thread did not stop"
+        assert server.violation is None, f"the broker's check mode found: {server.violation}"
 
 
 @pytest.fixture
@@ -130,7 +156,10 @@ def broker_process_factory(tmp_path):
 
     yield start
     for handle in started:
-        handle.stop()
+        status = handle.stop()
+        assert status != EXIT_BROKEN_RULE, (
+            f"the broker's check mode found a broken rule:\n{handle.stderr_path.read_text()[-3000:]}"
+        )
 
 
 @pytest.fixture

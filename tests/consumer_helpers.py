@@ -39,11 +39,12 @@ class Bus:
 @pytest.fixture
 def bus():
     """A broker in a thread of this process; stopped (and its thread joined) at teardown."""
-    server, thread = start_in_thread(BrokerConfig(bind="tcp://127.0.0.1:*", pub_bind="tcp://127.0.0.1:*"))
+    server, thread = start_in_thread(BrokerConfig(bind="tcp://127.0.0.1:*", pub_bind="tcp://127.0.0.1:*", check=True))
     yield Bus(server.endpoint, server.pub_endpoint, server)
     server.stop()
     thread.join(5)
     assert not thread.is_alive(), "broker thread did not stop"
+    assert server.violation is None, f"the broker's check mode found: {server.violation}"
 
 
 class Proc:

@@ -38,6 +38,7 @@ OPTIONS = {  # long option -> (BrokerConfig field, environment variable)
     "--max-memory": ("max_memory", "CHANNELBUS_MAX_MEMORY"),
     "--heartbeat": ("heartbeat", "CHANNELBUS_HEARTBEAT"),
     "--busy-poll": ("busy_poll", "CHANNELBUS_BUSY_POLL"),
+    "--check": ("check", "CHANNELBUS_CHECK"),
     "--log-level": ("log_level", "CHANNELBUS_LOG_LEVEL"),
 }
 
@@ -196,6 +197,29 @@ def test_max_message_size_takes_bytes_or_a_unit(resolve, text, size):
     assert resolve("--max-message-size", text).max_message_size == size
 
 
+def test_check_mode_is_off_by_default_and_set_by_flag_env_or_file(resolve, toml_file):
+    assert resolve().check is False
+    assert resolve("--check").check is True
+    assert resolve("--check", "--no-check").check is False
+    assert resolve(env={"CHANNELBUS_CHECK": "1"}).check is True
+    assert resolve(env={"CHANNELBUS_CHECK": "true"}).check is True
+    assert resolve(env={"CHANNELBUS_CHECK": "0"}).check is False
+    path = toml_file("check = true\n")
+    assert resolve("--config", path).check is True
+    assert resolve("--config", path, env={"CHANNELBUS_CHECK": "0"}).check is False
+    assert resolve("--config", path, "--no-check", env={"CHANNELBUS_CHECK": "1"}).check is False
+    assert resolve("--check") == BrokerConfig(check=True)
+
+
+def test_a_check_mode_that_is_not_a_boolean_is_refused(invoke, toml_file):
+    result, config = invoke(env={"CHANNELBUS_CHECK": "maybe"})
+    assert config is None and "'maybe' is not a valid boolean" in error_line(result)
+    result, config = invoke("--config", toml_file('check = "often"\n'))
+    assert config is None and "check" in error_line(result)
+    with pytest.raises(ConfigError, match="check must be true or false"):
+        BrokerConfig(check=1)
+
+
 def test_bind_accepts_any_port_and_any_host(resolve):
     config = resolve("--bind", "tcp://*:*", "--pub-bind", "tcp://lo:6001")
     assert (config.bind, config.pub_bind) == ("tcp://*:*", "tcp://lo:6001")
@@ -213,12 +237,13 @@ max-group-expiry = 3600.5
 max-message-size = "2MiB"
 max-bad-frames = 7
 busy-poll = 300
+check = true
 log-level = "debug"
 """
 FULL_CONFIG = BrokerConfig(
     bind="tcp://0.0.0.0:6000", pub_bind="tcp://0.0.0.0:6001", advertise="tcp://bus.example.com:6001",
     max_capacity=500, max_expiry=30.0, max_group_expiry=3600.5, max_message_size=2 * MiB,
-    max_bad_frames=7, busy_poll=300, log_level="DEBUG",
+    max_bad_frames=7, busy_poll=300, check=True, log_level="DEBUG",
 )
 
 
@@ -256,7 +281,7 @@ def test_toml_unknown_key_is_an_error_naming_the_known_keys(invoke, toml_file):
     assert config is None
     assert path in line and "'max-capacty'" in line
     for key in ("bind", "pub-bind", "advertise", "max-capacity", "max-expiry", "max-group-expiry",
-                "max-message-size", "max-bad-frames", "busy-poll", "log-level"):
+                "max-message-size", "max-bad-frames", "busy-poll", "check", "log-level"):
         assert key in line
 
 
@@ -472,6 +497,7 @@ def start_broker(tmp_path):
     """Start ``python -m consumers.cli broker ARGS``; every process is stopped in teardown."""
     procs: list[subprocess.Popen] = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHANNELBUS_")}
+    env["CHANNELBUS_CHECK"] = "1"  # (as every broker of the suite: conftest)
 
     def start(*args: str, extra_env: dict | None = None) -> BrokerProcess:
         n = len(procs)

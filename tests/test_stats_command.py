@@ -22,9 +22,36 @@ def test_stats_shows_clients_deep_channels_groups_and_counters(broker):
         result = CliRunner().invoke(main, ["stats", "--broker", broker.url])
         assert result.exit_code == 0, result.output
         assert "2 client(s)" in result.output  # this one and the command's own
-        assert "backlog" in result.output.splitlines()[5]  # the deepest channel is listed first
+        lines = result.output.splitlines()
+        assert "backlog" in lines[6]  # the deepest channel is listed first
         assert "groups: 1" in result.output and "room" in result.output
         assert "received 3" in result.output
+        assert lines[2].startswith("accounted: accepted 3 = queued 3 + in flight 0 + acknowledged 0")
+        assert "MISMATCH" not in result.output
+
+
+@pytest.mark.timeout(30)
+def test_stats_account_for_every_message_the_broker_accepted(broker):
+    """STATS carries each fate's counter, and accepted is their sum with what is queued and in
+    flight: three sends (one taken and acknowledged, one pushed and not yet taken, one queued)
+    and a group message whose copy for a full member is dropped."""
+    with Client(broker.url, capacity=3) as bus, Client(broker.url, receive_window=1) as taker, \
+            Client(broker.url, capacity=2) as announcer:
+        for i in range(3):
+            bus.send("jobs", {"type": "job", "i": i})
+        assert taker.receive("jobs", timeout=5)["i"] == 0  # taken and acknowledged
+        bus.group_add("room", "jobs")
+        bus.group_add("room", "spare")
+        assert announcer.group_send("room", {"type": "g"}) == {"queued": 1, "full": 1}  # jobs: 2 of 2
+        sample = bus.stats()
+    counters = sample["counters"]
+    assert counters["accepted"] == 3 + 2  # three sends, two group copies
+    assert (counters["acknowledged"], counters["dropped_full"]) == (1, 1)
+    assert sample["queued"] + sample["inflight"] == 3
+    fates = (sample["queued"] + sample["inflight"] + counters["acknowledged"] + counters["expired"]
+             + counters["flushed"] + counters["dropped_full"] + counters["dropped_memory"]
+             + counters["dropped_owner_gone"])
+    assert fates == counters["accepted"]
 
 
 @pytest.mark.timeout(30)
