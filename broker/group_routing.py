@@ -159,6 +159,7 @@ class GroupRouting:
         try:
             return self._group_send(peer, cmd, now)[1:]  # (all but the reply)
         except ProtocolError as err:
+            err.fields.update(group=cmd.group, lost=1)  # (the sender must learn of it)
             return [Out(peer.rid, wire.error(None, err))]
 
     def _marker(self, group: str, channel: str, now: float) -> Out:

@@ -363,6 +363,7 @@ class Router(GroupRouting):
                 for body in bodies:
                     self._check_body(body)
             except ProtocolError as err:
+                err.fields.update(channel=channel, lost=len(bodies))  # (the sender must learn of it)
                 return out + self._refuse(peer.rid, None, err, now)
         pushed = delivery.deliver_posted(peer, channel, bodies, now + expiry, now)
         if pushed is not None:  # (the usual case: what kick would give, without queueing)
@@ -378,7 +379,7 @@ class Router(GroupRouting):
                 "no-reservation",
                 f"POST to {channel!r} without a reserved slot for body {queued + 1} of"
                 f" {len(bodies)}; it and the rest were not queued",
-                channel=channel, size=queued,
+                channel=channel, size=queued, lost=len(bodies) - queued,
             )
             out += self._refuse(peer.rid, None, err, now)
         return out

@@ -3,11 +3,11 @@
 from .asyncio import AsyncClient
 from .errors import (
     BrokerError, BrokerUnavailable, BusError, ChannelFull, InvalidName, LimitExceeded,
-    MessageTooLarge, ReceiveTimeout,
+    MessagesLost, MessageTooLarge, ReceiveTimeout,
 )
 from .sync import Client
 
 __all__ = [
     "AsyncClient", "BrokerError", "BrokerUnavailable", "BusError", "ChannelFull", "Client",
-    "InvalidName", "LimitExceeded", "MessageTooLarge", "ReceiveTimeout",
+    "InvalidName", "LimitExceeded", "MessagesLost", "MessageTooLarge", "ReceiveTimeout",
 ]

@@ -26,6 +26,7 @@ import time
 
 import zmq
 
+from broker.protocol import wire
 from broker.zio import readable, recv_frames, send_frames
 
 from .core import ClientCore
@@ -66,7 +67,8 @@ class AsyncClient(Link, FrontDoor):
         self._connecting: asyncio.Future | None = None
         self._ready_loop: asyncio.AbstractEventLoop | None = None  # connected and open: its loop
         self._online = False  # said HELLO on the current connection and heard back
-        self._link_waiters: list[asyncio.Future] = []  # requests waiting for the link
+        self._rejoining = False  # reconnected: "reconnected" is due once the client is whole
+        self._link_waiters: list[asyncio.Future] = []  # requests waiting for the link (whole)
         self._listeners: list = []
         self._beat_timer: asyncio.TimerHandle | None = None
         self._last_heard = self._last_sent = 0.0
@@ -86,11 +88,15 @@ class AsyncClient(Link, FrontDoor):
     # -- the channel layer API ------------------------------------------------------------
 
     async def send(self, channel: str, message: dict) -> None:
-        """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge.
+        """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge,
+        and MessagesLost if sends that had returned were lost since the last call (this message
+        is then not sent).
 
         With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
         if not self._connected_here():
             await self.connect()
+        if self._core.lost:
+            self._raise_lost()
         now = time.monotonic()
         alone = now - self._last_sent >= BURST_GAP  # (and the core has no POST batch pending)
         rid, frames = self._core.send(channel, message, now, alone)
@@ -112,10 +118,12 @@ class AsyncClient(Link, FrontDoor):
         """Send to every member of ``group``; full members are skipped, never raised.
 
         Returns the broker's counts ``{"queued", "full"}``; with ``wait=False`` it returns None
-        at once, without the round trip (the message is checked here as with a send)."""
+        at once, without the round trip (the message is checked here as with a send). Raises
+        MessagesLost as ``send`` does."""
         if not self._connected_here():
             await self.connect()
-        if not wait and self._online:
+        self._raise_lost()
+        if not wait and self._whole():
             _, frames = self._core.group_send(group, message, reply=False)
             self._flush_outgoing()
             try:
@@ -123,6 +131,7 @@ class AsyncClient(Link, FrontDoor):
                 self._after_send()
                 return None
             except zmq.Again:  # the link is down: send it as a request, which waits for the link
+                self._core.unconfirmed -= 1  # (it never left)
                 self._go_offline("the connection to the broker was lost")
         reply = await self._call(*self._core.group_send(group, message))
         return None if not wait else {"queued": reply.get("queued", 0), "full": reply.get("full", 0)}
@@ -130,13 +139,23 @@ class AsyncClient(Link, FrontDoor):
     async def receive(self, channel: str, timeout: float | None = None) -> dict:
         """The next message of ``channel``. Cancelling it loses and doubles nothing.
 
-        Raises ReceiveTimeout when ``timeout`` seconds pass with no message."""
+        Raises ReceiveTimeout when ``timeout`` seconds pass with no message. Just after a
+        reconnection it first waits for the client's memberships to be live again."""
         if not self._connected_here():
             await self.connect()
         core = self._core
         core.start_receiving(channel)
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
+        if self._online and core.groups.replaying:
+            try:
+                await self._wait_for_link(deadline if deadline is not None else now + self.timeout)
+            except BrokerUnavailable:
+                if deadline is None or time.monotonic() < deadline:
+                    raise
+                raise ReceiveTimeout(f"no message on {channel!r} within {timeout:g} s",
+                                     channel=channel, timeout=timeout) from None
+            now = time.monotonic()
         while True:
             message = core.pop(channel, now, defer_ack=True) if channel in core.queues else None
             if message is not None:
@@ -249,7 +268,7 @@ class AsyncClient(Link, FrontDoor):
         self._check_loop()
         deadline = time.monotonic() + self.timeout
         while True:
-            if not online and not self._online:
+            if not online and not self._whole():
                 await self._wait_for_link(deadline)
             self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
             try:
@@ -284,9 +303,11 @@ class AsyncClient(Link, FrontDoor):
         for index, frames in enumerate(posts):
             try:
                 send_frames(self._dealer, frames)
-            except zmq.Again:  # the connection dropped under them: lost in flight, and said so
-                lost = sum(len(f) - 2 for f in posts[index:])
-                log.warning("%d posted message(s) were lost: the connection to %s dropped", lost, self.url)
+            except zmq.Again:  # the connection dropped under them: they never left, their slots are gone
+                for unsent in posts[index:]:
+                    self._core.unconfirmed -= len(unsent) - 2
+                    self._core.note_lost(wire.unpack_header(unsent[1])["ch"], len(unsent) - 2,
+                                         f"the connection to {self.url} dropped before they were sent")
                 self._go_offline("the connection to the broker was lost")
                 return
         self._after_send()
@@ -382,6 +403,8 @@ class AsyncClient(Link, FrontDoor):
         for waiter in self._arrivals.pop(event, ()):  # a marker arrived (or failed)
             if not waiter.done():
                 waiter.set_result(None)
+        if self._link_waiters or self._rejoining:  # (the last replayed membership, perhaps)
+            self._check_whole()
 
     async def _arrival(self, key, deadline: float | None) -> bool:
         """Wait until something arrives for ``key`` (a channel, or a marker key); False when

@@ -29,6 +29,7 @@ Local state kept here:
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 import secrets
 from collections import deque
@@ -40,7 +41,7 @@ from broker.protocol.errors import ProtocolError
 from broker.protocol.names import check_channel, owner_of
 from broker.protocol.patterns import compile_pattern
 
-from .errors import BusError, LimitExceeded, MessageTooLarge, bad_name
+from .errors import BusError, LimitExceeded, MessagesLost, MessageTooLarge, bad_name
 from .inbound import Inbound
 from .membership import Membership
 from .messages import pack_message, unpack_message
@@ -57,6 +58,7 @@ LAST_SEND_KEEP = 1024  # channels remembered past RELEASE_IDLE before the old on
 # broker RECALL them; short, a round robin over many channels would never keep its slots.
 RELEASE_IDLE = 2.0
 RECEIVE_WINDOW = 64
+log = logging.getLogger("channelbus.client")
 
 
 _FLAG_LETTERS = ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"), (re.VERBOSE, "x"), (re.ASCII, "a"))
@@ -133,6 +135,9 @@ class ClientCore(Inbound):
         self.syncing: dict[int, tuple[str, str]] = {}  # GSYNC request id -> (group, channel)
         self.broker_instance = ""
         self.unconfirmed = 0  # POSTs sent since the last reply: a reply confirms all before it
+        self.in_doubt = 0  # POSTs (and GPOSTs) unconfirmed when a connection dropped: may be lost
+        self.lost: list[tuple[str, int, str]] = []  # (channel or group, count, why): sends that had
+        # returned and were lost, for the next send or group_send to raise (MessagesLost)
         self.posts: dict[str, list[bytes]] = {}  # bodies for reserved slots, not yet sent
         self.clock_offset = 0.0  # broker wall clock minus ours, measured at HELLO
         self.outgoing: list[tuple[str, Any]] = []
@@ -231,11 +236,36 @@ class ClientCore(Inbound):
 
     def disconnected(self) -> None:
         """The connection to the broker is gone: slots it reserved and grants on their way are
-        void, and what was POSTed but not confirmed may be lost with it."""
+        void; what was POSTed but not confirmed may be lost with it (counted in ``in_doubt``),
+        and POST bodies not yet sent are lost (their slots are gone: ``lost``)."""
         self.reserved.clear()
         self.voided.update(self.granting)
         self.voided.update(self.refilling)
+        unsent = sum(len(bodies) for bodies in self.posts.values())
+        self.in_doubt += self.unconfirmed - unsent  # (they left; the batch below did not)
         self.unconfirmed = 0
+        for channel, bodies in self.posts.items():
+            self.note_lost(channel, len(bodies), "the connection to the broker dropped before they were sent")
+        self.posts.clear()
+
+    def note_lost(self, where: str, count: int, why: str) -> None:
+        """``count`` messages to ``where`` whose send had returned are lost: say so in the log
+        now, and raise it from the next send or group_send (``take_lost``)."""
+        log.error("%d message(s) to %r whose send had returned were lost: %s", count, where, why)
+        self.lost.append((where, count, why))
+
+    def take_lost(self) -> MessagesLost | None:
+        """The MessagesLost for what ``note_lost`` recorded since the last call, or None."""
+        if not self.lost:
+            return None
+        lost, self.lost = self.lost, []
+        count = sum(n for _, n, _ in lost)
+        where = sorted({w for w, _, _ in lost})
+        why = "; ".join(sorted({f"{w}: {reason}" for w, _, reason in lost}))
+        return MessagesLost(
+            f"{count} message(s) sent earlier to {', '.join(map(repr, where))} were lost after their"
+            f" send returned ({why})", count=count, channels=where,
+        )
 
     def send(self, channel: str, message: dict, now: float,
              alone: bool = False) -> tuple[int | None, list[bytes] | None]:
@@ -255,7 +285,7 @@ class ClientCore(Inbound):
             alone = alone and not self.posts and not self.outgoing  # (nothing queued goes first)
             self.reserved[channel] = left - 1
             self.unconfirmed += 1
-            if left - 1 <= RESERVE_WANT // 2 and channel not in self.refilling.values():
+            if left - 1 <= RESERVE_WANT // 2 and not self._asking(channel):
                 rid, reserve = self._build(
                     wire.Reserve, channel=channel, capacity=self.capacity_for(channel), want=RESERVE_WANT,
                 )
@@ -268,7 +298,9 @@ class ClientCore(Inbound):
                 return None, wire.Post.encode(channel, self.expiry, (body,), acks, self._pack)
             self.posts.setdefault(channel, []).append(body)
             return None, None
-        streaming = previous is not None and now - previous < RELEASE_IDLE
+        # Slots are asked for by the second send within RELEASE_IDLE, and by one request at a
+        # time per channel: concurrent sends while a grant is on its way ask for nothing more.
+        streaming = previous is not None and now - previous < RELEASE_IDLE and not self._asking(channel)
         rid, frames = self._build(
             wire.Send, channel=channel, capacity=self.capacity_for(channel), expiry=self.expiry,
             body=body, want=RESERVE_WANT if streaming else 0,
@@ -276,6 +308,10 @@ class ClientCore(Inbound):
         if streaming:
             self.granting[rid] = channel
         return rid, frames
+
+    def _asking(self, channel: str) -> bool:
+        """Whether a request that may grant slots on ``channel`` waits for its reply."""
+        return channel in self.granting.values() or channel in self.refilling.values()
 
     def _forget_old_sends(self, now: float) -> None:
         """Keep ``last_send`` small: past LAST_SEND_KEEP entries, drop the channels not sent to

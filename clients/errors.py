@@ -9,6 +9,7 @@
     ├── LimitExceeded             a client setting exceeds a ceiling of the broker's operator
     ├── ReceiveTimeout (TimeoutError)   receive(timeout=...) found nothing in time
     ├── BrokerUnavailable         the broker did not answer within the client's timeout
+    ├── MessagesLost              messages whose send() had returned were lost (raised by a later call)
     └── BrokerError               any other ERROR reply; `code` says which (docs/protocol.md)
 
 Each error carries its facts as fields (``channel``, ``capacity``, ``size``, ``limit``,
@@ -80,6 +81,17 @@ class BrokerUnavailable(BusError):
     code = "unavailable"
     endpoint: str = ""
     timeout: float = 0.0
+
+
+class MessagesLost(BusError):
+    """``count`` messages to ``channels`` whose ``send`` (or ``group_send(wait=False)``) had
+    returned were lost: the broker refused them after all, or the connection dropped before
+    they left this process. Raised by the client's next send or group_send, which then sends
+    nothing; the message says why. A correct client and broker never lose one this way."""
+
+    code = "lost"
+    count: int = 0
+    channels: list = []
 
 
 class BrokerError(BusError):

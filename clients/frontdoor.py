@@ -17,6 +17,7 @@ class FrontDoor:
 
     _core: ClientCore
     _closed: bool
+    _online: bool
 
     def _ensure_open(self) -> None:
         """Every call on a closed client raises the same BusError (none is silently lost)."""
@@ -29,9 +30,25 @@ class FrontDoor:
 
     @property
     def counters(self) -> dict:
-        """What this process dropped on its side: group messages for its channels skipped as
-        full (``group_full``) and group messages the publisher lost for it (``group_lost``)."""
-        return {"group_full": self._core.skipped, "group_lost": self._core.lost_group_messages}
+        """What this process could not deliver or confirm: group messages for its channels
+        skipped as full (``group_full``), group messages the publisher lost for it
+        (``group_lost``), and pipelined sends (POST, group_send without wait) that had returned
+        but were not yet confirmed by the broker when a connection dropped (``in_doubt``: each
+        may or may not have been carried out)."""
+        core = self._core
+        return {"group_full": core.skipped, "group_lost": core.lost_group_messages, "in_doubt": core.in_doubt}
+
+    def _whole(self) -> bool:
+        """Online, with every membership replayed after a reconnection live again: until then
+        calls wait (group messages sent meanwhile could miss those memberships)."""
+        return self._online and not self._core.groups.replaying
+
+    def _raise_lost(self) -> None:
+        """Raise MessagesLost if sends that had returned were lost since the last call."""
+        if self._core.lost:
+            lost = self._core.take_lost()
+            if lost is not None:
+                raise lost
 
 
 def publisher_url(advertised: str, dialled: str) -> str:

@@ -202,7 +202,12 @@ class Inbound:
             if result.code == "no-hello":  # the broker forgot this client: say HELLO again
                 return [("forgotten",)] + ([] if rid is None or rid in self.ignored else [("reply", rid, result)])
             if rid is None:
-                log.error("the broker refused a notice: %s", result)
+                lost = header.get("lost")
+                if type(lost) is int and lost > 0:  # a POST or GPOST: sends that had returned
+                    where = header.get("channel") or header.get("group") or "?"
+                    self.note_lost(str(where), lost, f"the broker refused them: {result}")
+                else:
+                    log.error("the broker refused a notice: %s", result)
         key = self.syncing.pop(rid, None)
         if key is not None and isinstance(result, BusError) and self.groups.refused(key, result):
             self.ignored.discard(rid)

@@ -173,10 +173,21 @@ class Link:
         self._last_heard = now
         self._online = True
         self._flush_outgoing()  # the replay, if the broker did not know us
+        self._arm_sync_timer()  # (GSYNC for the replayed memberships)
+        self._check_whole()
+
+    def _check_whole(self) -> None:
+        """Once the link is online and every membership it replayed is live again: release the
+        calls that wait for it, and (after a reconnection) tell the listeners "reconnected"."""
+        if not self._whole():
+            return
         for waiter in self._link_waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._link_waiters.clear()
+        if self._rejoining:
+            self._rejoining = False
+            self._notify("reconnected")
 
     def _teardown(self, reason: BusError, goodbye: bool) -> None:
         """Stop timers and readers, (say goodbye,) close the sockets, fail every waiter."""
@@ -243,10 +254,14 @@ class Link:
             self._deadlines.discard(future)
 
     async def _wait_for_link(self, deadline: float) -> None:
+        """Until the client is whole: online, with the memberships it replayed live again."""
         waiter = self._loop.create_future()
         self._link_waiters.append(waiter)
+        why = (f"reconnected to the broker at {self.url}, but its group memberships were not live"
+               f" again within {self.timeout:g} s" if self._online else
+               f"the broker at {self.url} has been unreachable for {self.timeout:g} s")
         try:
-            await self._timed(waiter, deadline, f"the broker at {self.url} has been unreachable for {self.timeout:g} s")
+            await self._timed(waiter, deadline, why)
         finally:
             if waiter in self._link_waiters:
                 self._link_waiters.remove(waiter)
@@ -266,20 +281,14 @@ class Link:
         self._notify("disconnected")
 
     async def _rejoin(self) -> None:
-        """Say HELLO on the new connection; announce "reconnected" once the replayed group
-        memberships are confirmed live (so group messages sent after it reach them)."""
+        """Say HELLO on the new connection. The client is whole again (calls go on, listeners
+        hear "reconnected") once the memberships it replayed are confirmed live, so that group
+        messages sent after that reach them (``_check_whole``)."""
+        self._rejoining = True
         try:
             await self._hello()
-            deadline = time.monotonic() + self.timeout
-            self._arm_sync_timer()
-            for key in list(self._core.awaiting):
-                while self._core.marker_pending(*key):
-                    if not await self._arrival(("marker", *key), deadline):
-                        raise BrokerUnavailable(f"group {key[0]!r} was not confirmed after reconnecting")
         except BusError as exc:  # the connection dropped again, or the broker refused us
             log.warning("reconnecting to %s: %s", self.url, exc)
-            return
-        self._notify("reconnected")
 
     def _beat(self) -> None:
         """Every HEARTBEAT: tell the broker we live if we have been quiet; give up on a broker

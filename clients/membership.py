@@ -17,6 +17,9 @@ SUB socket, ``("dealer", frames)`` for the broker), in order with everything els
   subscription was live, so GSYNC asks the broker to publish it again: SYNC_RETRY after the
   GADD's OK or a replay (at once after a JOIN), doubling up to SYNC_RETRY_MAX. A refused GSYNC
   means the membership is gone.
+- ``replaying``: memberships registered again with a broker that did not know this client
+  (``replay``), whose markers have not come yet: until they have, the client is not whole
+  again, and its calls wait (group messages sent meanwhile could miss them).
 - ``joins``: memberships the broker announced with a JOIN (another client's GADD, or those it
   holds when this client says HELLO): they are confirmed with JOINED once their marker shows
   the subscription live.
@@ -53,6 +56,7 @@ class Membership:
         self.retry: dict[tuple[str, str], float] = {}
         self.subscribed: set[str] = set()
         self.joins: set[tuple[str, str]] = set()  # JOINs to confirm with JOINED once subscribed
+        self.replaying: set[tuple[str, str]] = set()  # replayed, marker not yet seen
         self.marker_failures: dict[tuple[str, str], BusError] = {}
         self.group_seq: dict[str, int] = {}  # number of the last message seen per group topic
         self.lost_messages = 0
@@ -83,6 +87,7 @@ class Membership:
         self.group_seq.setdefault(group, header.get("seq", 0))  # messages before it are not ours
         self.awaiting.pop((group, channel), None)
         self.retry.pop((group, channel), None)
+        self.replaying.discard((group, channel))
         self.members.setdefault(group, {})[channel] = now + header["ttl"] / 1000.0
         if (group, channel) in self.joins:
             self.joins.discard((group, channel))
@@ -134,6 +139,7 @@ class Membership:
             again.append((group, channel, until - now))
             self.awaiting[(group, channel)] = now + SYNC_RETRY  # confirmed by the marker again
             self.retry[(group, channel)] = SYNC_RETRY
+            self.replaying.add((group, channel))
         return again
 
     # -- leaving --------------------------------------------------------------------------
@@ -148,6 +154,7 @@ class Membership:
         self.awaiting.pop((group, channel), None)
         self.retry.pop((group, channel), None)
         self.joins.discard((group, channel))
+        self.replaying.discard((group, channel))
         still_wanted = group in self.members or any(g == group for g, _ in self.awaiting)
         if group in self.subscribed and not still_wanted:
             self.subscribed.discard(group)

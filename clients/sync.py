@@ -1,11 +1,25 @@
 """``Client``: the blocking front door over ``ClientCore``. Mirrors ``clients.asyncio``.
 
-A Client is not thread-safe: use one per thread (ZeroMQ sockets must not be shared).
+A Client may be shared by threads (a thread pool, the views of a sync web server). Its sockets
+may not be (ZeroMQ sockets are not thread-safe: two threads in them at once abort the process),
+so every call takes the client's lock, and only one thread at a time uses the sockets:
+
+- A call that must wait for the broker (a reply, a message, the link) polls the sockets with the
+  lock released, and says so (``_polling``); whatever it reads, for any thread, it digests once
+  it has the lock back, and wakes the others (a condition variable).
+- A thread that needs the sockets while another polls them interrupts that poll (a byte on a
+  pipe the poll also watches) and waits for it to end; the poller then lets the waiting threads
+  have their turn (``_queued``) before it polls again.
+
+Used from one thread, the lock is never contended and nothing else changes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import threading
 import time
 
 import zmq
@@ -22,6 +36,21 @@ DEFAULT_URL = "tcp://127.0.0.1:5555"
 log = logging.getLogger("channelbus.client")
 
 
+def _serialized(method):
+    """A public call: under the client's lock, with the sockets this thread's own."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            self._await_turn()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._turn.notify_all()  # (threads waiting for their turn, or for what it read)
+
+    return call
+
+
 class Client(FrontDoor):
     """A blocking connection to a channelbus broker.
 
@@ -33,7 +62,9 @@ class Client(FrontDoor):
 
     The link is watched through the DEALER's monitor socket whenever the client does I/O: when
     the connection drops, requests wait for it (up to ``timeout``); when it comes back the client
-    says HELLO again and, if the broker no longer knows it, replays its credit and memberships.
+    says HELLO again and, if the broker no longer knows it, replays its credit and memberships,
+    and calls wait until the replayed memberships are live again, so a call that returns after a
+    reconnection means the client is whole again. It may be shared by threads (see above).
     A blocking client sends no heartbeats (it may be busy elsewhere); the broker notices its
     process is gone when the connection closes. Listeners added with ``add_listener`` hear
     "disconnected" and "reconnected" (once replayed memberships are live again), called from
@@ -62,24 +93,37 @@ class Client(FrontDoor):
         self._poller = zmq.Poller()
         for sock in (self._dealer, self._sub, self._monitor):
             self._poller.register(sock, zmq.POLLIN)
+        self._lock = threading.RLock()  # every call holds it (but while it polls, or waits its turn)
+        self._turn = threading.Condition(self._lock)
+        self._polling = False  # a thread is in poll() with the lock released: hands off the sockets
+        self._queued = 0  # threads waiting for the poller to let them at the sockets
+        self._wake_r, self._wake_w = os.pipe()  # a byte here interrupts the poll
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._waiting: set[int] = set()  # requests sent whose replies are awaited
         self._closed = False
         self._online = False
         self._hello_rid: int | None = None  # a HELLO on its way after the link came back
         self._hello_error: BusError | None = None
         self._listeners: list = []
         self._rejoining = False  # reconnected, replayed memberships not yet confirmed
-        try:
-            self._dealer.connect(url)
-            self._wait_for_link(time.monotonic() + timeout, first=True)
-        except BaseException:
-            self._close_sockets()
-            raise
-        self._sub.connect(publisher_url(self._core.pub_endpoint, url))
-        self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
+        with self._lock:  # (the waits below release it, as every wait does)
+            try:
+                self._dealer.connect(url)
+                self._wait_until_whole(time.monotonic() + timeout, first=True)
+            except BaseException:
+                self._close_sockets()
+                raise
+            self._sub.connect(publisher_url(self._core.pub_endpoint, url))
+            self._sub.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
 
     def add_listener(self, listener) -> None:
-        """Call ``listener(event)`` with "disconnected" or "reconnected" as the link changes."""
-        self._listeners.append(listener)
+        """Call ``listener(event)`` with "disconnected" or "reconnected" as the link changes
+        (from inside whichever call of the client is doing I/O at the time; it may call the
+        client)."""
+        with self._lock:
+            self._listeners.append(listener)
 
     def _notify(self, event: str) -> None:
         for listener in self._listeners:
@@ -87,7 +131,6 @@ class Client(FrontDoor):
                 listener(event)
             except Exception:
                 log.exception("connection listener %r failed on %r", listener, event)
-
 
     def __enter__(self) -> "Client":
         return self
@@ -97,12 +140,16 @@ class Client(FrontDoor):
 
     # -- the channel layer API --------------------------------------------------------------
 
+    @_serialized
     def send(self, channel: str, message: dict) -> None:
-        """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge.
+        """Queue ``message`` on ``channel``. Raises ChannelFull, InvalidName, MessageTooLarge,
+        and MessagesLost if sends that had returned were lost since the last call (this message
+        is then not sent).
 
         With slots reserved on ``channel`` this returns without a round trip (see clients.core)."""
         self._catch_up()
         self._ensure_open()
+        self._raise_lost()
         if self._core.outgoing:
             self._flush_outgoing()  # (what was queued goes first; then this send goes alone)
         rid, frames = self._core.send(channel, message, time.monotonic(), alone=True)
@@ -112,46 +159,53 @@ class Client(FrontDoor):
         try:
             send_frames(self._dealer, frames)  # (a POST of this message alone: sent now)
         except zmq.Again:  # the link is down: the slot went with it; send as a request instead
+            self._core.unconfirmed -= 1  # (it never left)
             self._go_offline()
             self._call(*self._core.send(channel, message, time.monotonic()))
             return
         if readable(self._dealer):
-            self._io(0)  # take in grants that arrived, so the reservation stays topped up
+            self._take_in()  # grants that arrived, so the reservation stays topped up
         else:
             self._flush_outgoing()
 
+    @_serialized
     def group_send(self, group: str, message: dict, *, wait: bool = True) -> dict | None:
         """Send ``message`` to every member of ``group``; full members are skipped, never raised.
 
         Returns the broker's counts for members with broker inboxes: ``{"queued": n, "full": n}``;
         with ``wait=False`` it returns None at once, without the round trip (the message is
-        checked here as with a send)."""
-        if not wait:
-            self._catch_up()
-            if self._online and not self._closed:
-                _, frames = self._core.group_send(group, message, reply=False)
-                self._flush_outgoing()
-                try:
-                    send_frames(self._dealer, frames)
-                    return None
-                except zmq.Again:  # the link is down: send it as a request, which waits for it
-                    self._go_offline()
+        checked here as with a send). Raises MessagesLost as ``send`` does."""
+        self._catch_up()
+        self._ensure_open()
+        self._raise_lost()
+        if not wait and self._whole():
+            _, frames = self._core.group_send(group, message, reply=False)
+            self._flush_outgoing()
+            try:
+                send_frames(self._dealer, frames)
+                return None
+            except zmq.Again:  # the link is down: send it as a request, which waits for it
+                self._core.unconfirmed -= 1
+                self._go_offline()
         reply = self._call(*self._core.group_send(group, message))
         return None if not wait else {"queued": reply.get("queued", 0), "full": reply.get("full", 0)}
 
+    @_serialized
     def receive(self, channel: str, timeout: float | None = None) -> dict:
         """The next message of ``channel``; waits up to ``timeout`` seconds (forever if None).
 
-        Raises ReceiveTimeout when nothing came in time."""
+        Raises ReceiveTimeout when nothing came in time. Just after a reconnection it first
+        waits for the client's memberships to be live again."""
         self._ensure_open()
         core = self._core
         core.start_receiving(channel)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            message = core.pop(channel, time.monotonic())
-            self._flush_outgoing()
-            if message is not None:
-                return message
+            if not (self._online and core.groups.replaying):  # (whole, or the broker is away)
+                message = core.pop(channel, time.monotonic())
+                self._flush_outgoing()
+                if message is not None:
+                    return message
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise ReceiveTimeout(f"no message on {channel!r} within {timeout:g} s",
@@ -162,6 +216,7 @@ class Client(FrontDoor):
         """A new process-specific channel name owned by this client."""
         return self._core.new_channel(prefix)
 
+    @_serialized
     def group_add(self, group: str, channel: str) -> None:
         """Add ``channel`` to ``group``; on return every later group_send reaches it."""
         self._ensure_open()
@@ -190,22 +245,26 @@ class Client(FrontDoor):
         if failure is not None:
             raise failure
 
+    @_serialized
     def group_discard(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group`` (not an error if it was not a member)."""
         self._call(*self._core.group_discard(group, channel))
 
+    @_serialized
     def flush(self) -> None:
         """Drop every queued message and group membership in the broker."""
         self._call(*self._core.flush())
         self._core.flushed()
         self._flush_outgoing()
 
+    @_serialized
     def ping(self) -> float:
         """One round trip to the broker; returns its duration in seconds."""
         start = time.perf_counter()
         self._call(*self._core.ping())
         return time.perf_counter() - start
 
+    @_serialized
     def stats(self, top: int = 10) -> dict:
         """The broker's figures: clients, the ``top`` deepest channels and largest groups,
         counters, memory held, uptime (fields in docs/protocol.md, STATS)."""
@@ -213,13 +272,15 @@ class Client(FrontDoor):
         reply.pop("id", None)
         return reply
 
+    @_serialized
     def close(self) -> None:
-        """Tell the broker goodbye and close the sockets. Safe to call twice."""
+        """Tell the broker goodbye and close the sockets. Safe to call twice; a call another
+        thread is making raises BusError."""
         if self._closed:
             return
-        if self._core.unconfirmed:
+        if self._core.unconfirmed and self._online:
             try:  # POSTs may still sit in the socket: a round trip sees them through
-                self.ping()
+                self._call(*self._core.ping())
             except BusError:
                 pass
         try:
@@ -229,7 +290,7 @@ class Client(FrontDoor):
             pass
         self._close_sockets()
 
-    # -- I/O ------------------------------------------------------------------------------
+    # -- I/O (every method below runs with the lock held and the sockets this thread's) ----
 
     def _close_sockets(self) -> None:
         self._closed = True
@@ -239,47 +300,60 @@ class Client(FrontDoor):
         self._monitor.close(linger=0)
         self._dealer.close(linger=CLOSE_LINGER_MS)
         self._sub.close(linger=0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def _catch_up(self) -> None:
         """Take in what came while the application was not calling us: link events (e.g. the
         broker restarted meanwhile), so nothing is sent to a broker before HELLO, and the
-        broker's news (a RECALL: the slots it revoked must not be posted into)."""
+        broker's news (a RECALL: slots it revoked are better not posted into)."""
         if not self._closed and (readable(self._monitor) or readable(self._dealer)):
-            self._io(0)
+            self._take_in()
 
     def _call(self, rid: int, frames: list[bytes]) -> dict:
+        """Send a request once the client is whole, and wait for its reply; all of it within
+        ``timeout``."""
         self._ensure_open()
         self._catch_up()
         deadline = time.monotonic() + self.timeout
         while True:
-            if not self._online:
-                self._wait_for_link(deadline)
+            if not self._whole():
+                self._wait_until_whole(deadline)
             self._flush_outgoing()  # what the core queued (acks, subscriptions) goes first
             try:
                 send_frames(self._dealer, frames)
                 break
             except zmq.Again:  # no connection (IMMEDIATE), though its event is not read yet
                 self._go_offline()
-        self._waiting = rid
-        while rid not in self._replies:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._core.ignored.add(rid)
-                raise BrokerUnavailable(
-                    f"no reply from the broker at {self.url} within {self.timeout:g} s",
-                    endpoint=self.url, timeout=self.timeout,
-                )
-            self._io(remaining)
+        self._waiting.add(rid)
+        try:
+            while rid not in self._replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._core.ignored.add(rid)
+                    raise BrokerUnavailable(
+                        f"no reply from the broker at {self.url} within {self.timeout:g} s",
+                        endpoint=self.url, timeout=self.timeout,
+                    )
+                self._io(remaining)
+        finally:
+            self._waiting.discard(rid)
         result = self._replies.pop(rid)
         if isinstance(result, BusError):
             raise result
         return result
 
-    def _wait_for_link(self, deadline: float, first: bool = False) -> None:
-        """Do I/O until the link is online (HELLO answered) or ``deadline`` passes."""
-        while not self._online:
+    def _wait_until_whole(self, deadline: float, first: bool = False) -> None:
+        """Do I/O until the link is online (HELLO answered) and the memberships it replayed
+        are live again, or ``deadline`` passes (BrokerUnavailable)."""
+        while not self._whole():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if self._online:
+                    raise BrokerUnavailable(
+                        f"reconnected to the broker at {self.url}, but its group memberships were"
+                        f" not live again within {self.timeout:g} s", endpoint=self.url, timeout=self.timeout,
+                    )
                 what = "cannot reach" if first else "lost the connection to"
                 raise BrokerUnavailable(
                     f"{what} the broker at {self.url} (waited {self.timeout:g} s)",
@@ -336,22 +410,67 @@ class Client(FrontDoor):
         self._online = False
         self._core.disconnected()
         self._notify("disconnected")
-        waiting = getattr(self, "_waiting", None)
-        if waiting is not None and waiting not in self._replies:
-            self._replies[waiting] = BrokerUnavailable(
-                f"lost the connection to the broker at {self.url}; the request may or may not"
-                " have been carried out", endpoint=self.url, timeout=self.timeout,
-            )
+        for rid in self._waiting:
+            if rid not in self._replies:
+                self._replies[rid] = BrokerUnavailable(
+                    f"lost the connection to the broker at {self.url}; the request may or may not"
+                    " have been carried out", endpoint=self.url, timeout=self.timeout,
+                )
+
+    def _await_turn(self) -> None:
+        """Until no other thread is polling the sockets: interrupt its poll and wait for it to
+        end. Then the sockets are this thread's until it releases the lock."""
+        if not self._polling:
+            return
+        self._queued += 1
+        try:
+            while self._polling:
+                try:
+                    os.write(self._wake_w, b"\0")
+                except BlockingIOError:
+                    pass  # (the pipe is full of wake-ups already)
+                self._turn.wait()
+        finally:
+            self._queued -= 1
 
     def _io(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` seconds for input, digest all of it, send what follows."""
+        """Wait up to ``timeout`` seconds for input, digest all of it, send what follows. When
+        other threads wait for their turn at the sockets, let them have it first (and return:
+        the caller looks again at what it waits for)."""
+        if self._queued:
+            self._turn.wait(timeout)
+            self._await_turn()
+            self._ensure_open()
+            return
         core = self._core
         core.release_idle(time.monotonic())
         due = core.due_syncs(time.monotonic())
+        self._flush_outgoing()
         if due is not None:
             until_due = max(0.0, due - time.monotonic())
             timeout = until_due if timeout is None else min(timeout, until_due)
-        ready = dict(self._poller.poll(None if timeout is None else timeout * 1000))
+        self._polling = True
+        self._lock.release()
+        try:
+            ready = dict(self._poller.poll(None if timeout is None else timeout * 1000))
+        finally:
+            self._lock.acquire()
+            self._polling = False
+            self._turn.notify_all()
+        self._ensure_open()  # (another thread may have closed the client meanwhile)
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        self._digest(ready)
+
+    def _take_in(self) -> None:
+        """Digest what the sockets hold now, without waiting."""
+        self._digest(dict(self._poller.poll(0)))
+
+    def _digest(self, ready: dict) -> None:
+        core = self._core
         if self._monitor in ready:
             self._on_link_event()
         for sock, digest in ((self._dealer, core.on_dealer), (self._sub, core.on_sub)):
@@ -371,7 +490,7 @@ class Client(FrontDoor):
         self._take_hello()
         core.due_syncs(time.monotonic())
         self._flush_outgoing()
-        if self._rejoining and not core.awaiting:
+        if self._rejoining and self._whole():
             self._rejoining = False
             self._notify("reconnected")
 

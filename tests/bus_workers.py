@@ -330,3 +330,104 @@ def join_target(url: str, names, count: int, timeout: float) -> list:
         except ReceiveTimeout:
             pass
     return got
+
+
+# -- issue 12's scenarios: concurrent sends at capacity, shared receivers, threads ---------------
+
+def concurrent_async_sends(url: str, channel: str, count: int, tasks: int, capacity: int) -> dict:
+    """``tasks`` concurrent sends on one AsyncClient (each retrying after ChannelFull) of
+    ``count`` numbered messages; the numbers whose send returned, and what else was raised."""
+    async def main() -> dict:
+        sent, errors = [], []
+        numbers = iter(range(count))
+        async with AsyncClient(url, capacity=capacity) as bus:
+            async def task() -> None:
+                for n in numbers:
+                    while True:
+                        try:
+                            await bus.send(channel, {"type": "job", "n": n})
+                            sent.append(n)
+                            break
+                        except ChannelFull:
+                            await asyncio.sleep(0.001)
+                        except Exception as exc:  # noqa: BLE001 (the test says what it was)
+                            errors.append(repr(exc))
+                            break
+
+            await asyncio.gather(*(task() for _ in range(tasks)))
+        return {"sent": sent, "errors": errors}
+
+    return asyncio.run(main())
+
+
+def drain(url: str, channel: str, idle: float, ready) -> list[int]:
+    """Receive from ``channel`` (asyncio) until nothing comes for ``idle`` seconds; the numbers."""
+    async def main() -> list[int]:
+        got = []
+        async with AsyncClient(url) as bus:
+            first = True
+            while True:
+                try:
+                    got.append((await bus.receive(channel, timeout=idle if not first else 0.01))["n"])
+                except ReceiveTimeout:
+                    if first:
+                        ready.set()
+                        first = False
+                        continue
+                    return got
+
+    return asyncio.run(main())
+
+
+def threads_sharing_a_client(url: str, channel: str, count: int, threads: int, capacity: int) -> dict:
+    """One blocking Client shared by ``threads`` threads that send ``count`` numbered messages
+    between them (retrying after ChannelFull) while as many threads receive them from the same
+    client; what was sent and received, and anything raised."""
+    import threading
+
+    sent, received, errors = [], [], []
+    numbers = iter(range(count))
+    lock = threading.Lock()
+    done = threading.Event()
+    with Client(url, capacity=capacity) as bus:
+        def sender() -> None:
+            while True:
+                with lock:
+                    n = next(numbers, None)
+                if n is None:
+                    return
+                while True:
+                    try:
+                        bus.send(channel, {"type": "job", "n": n})
+                        with lock:
+                            sent.append(n)
+                        break
+                    except ChannelFull:
+                        time.sleep(0.001)
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(repr(exc))
+                        return
+
+        def receiver() -> None:
+            while not (done.is_set() and len(received) >= len(sent)):
+                try:
+                    message = bus.receive(channel, timeout=0.05)
+                    with lock:
+                        received.append(message["n"])
+                except ReceiveTimeout:
+                    pass
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(repr(exc))
+                    return
+
+        senders = [threading.Thread(target=sender) for _ in range(threads)]
+        receivers = [threading.Thread(target=receiver) for _ in range(threads)]
+        for thread in senders + receivers:
+            thread.start()
+        for thread in senders:
+            thread.join(60)
+        done.set()
+        for thread in receivers:
+            thread.join(60)
+        alive = sum(thread.is_alive() for thread in senders + receivers)
+    return {"sent": sent, "received": received, "errors": errors, "alive": alive}

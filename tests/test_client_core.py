@@ -10,6 +10,7 @@ import pytest
 from broker.protocol import wire
 from broker.protocol.names import CONTROL_TOPIC, group_topic
 from clients.core import RELEASE_IDLE, RESERVE_WANT, ClientCore
+from clients.errors import MessagesLost
 
 CLIENT = "c0ffee000001"
 
@@ -263,3 +264,67 @@ def test_the_flags_of_a_compiled_channel_capacity_regex_travel_with_it():
     assert re.match(ccap[0][0], "WS.send") and c.capacity_for("WS.send") == 2
     with pytest.raises(ValueError, match="either inline"):
         ClientCore(channel_capacity={re.compile(r"(?s)^ws", re.IGNORECASE): 2})
+
+
+def test_only_one_request_at_a_time_asks_for_slots_on_a_channel():
+    """Concurrent sends while a grant is on its way ask for nothing more: they would each
+    reserve a share of the room, which sends from other senders would then have to revoke."""
+    c = core()
+    c.send("q", {"type": "t"}, now=0.0)
+    asking, frames = c.send("q", {"type": "t"}, now=0.01)
+    assert msgpack.unpackb(frames[1])["want"] == RESERVE_WANT
+    for _ in range(3):
+        _, frames = c.send("q", {"type": "t"}, now=0.02)
+        assert "want" not in msgpack.unpackb(frames[1])
+    c.on_dealer([wire.OK, wire.pack({"id": asking, "grant": 0})], now=0.03)  # nothing granted
+    _, frames = c.send("q", {"type": "t"}, now=0.04)
+    assert msgpack.unpackb(frames[1])["want"] == RESERVE_WANT  # so the next one asks again
+
+
+def test_a_refused_post_is_raised_by_the_next_send_never_lost_silently():
+    c = core()
+    assert c.take_lost() is None
+    refusal = {"id": None, "code": "no-reservation", "message": "no slot", "channel": "q", "lost": 3}
+    [(kind, rid, error)] = c.on_dealer([wire.ERROR, wire.pack(refusal)], now=0.0)
+    assert (kind, rid, error.code) == ("reply", None, "no-reservation")
+    lost = c.take_lost()
+    assert isinstance(lost, MessagesLost) and lost.code == "lost"
+    assert (lost.count, lost.channels) == (3, ["q"])
+    assert "the broker refused them: no slot" in str(lost)
+    assert c.take_lost() is None  # said once
+
+
+def test_a_notice_refused_without_losing_messages_is_only_logged():
+    c = core()
+    c.on_dealer([wire.ERROR, wire.pack({"id": None, "code": "bad-value", "message": "n"})], now=0.0)
+    assert c.take_lost() is None
+
+
+def test_a_dropped_connection_loses_the_unsent_post_batch_loudly_and_counts_the_unconfirmed():
+    c = core()
+    c.send("q", {"type": "t"}, now=0.0)
+    rid, _ = c.send("q", {"type": "t"}, now=0.01)
+    c.on_dealer([wire.OK, wire.pack({"id": rid, "grant": 5})], now=0.02)
+    assert c.send("q", {"type": "t"}, now=0.03, alone=True)[1][0] == b"\x01POST"  # sent: unconfirmed
+    c.send("q", {"type": "t"}, now=0.03)
+    c.send("q", {"type": "t"}, now=0.03)  # two in the batch, not sent yet
+    c.disconnected()
+    assert c.in_doubt == 1 and c.posts == {}
+    lost = c.take_lost()
+    assert (lost.count, lost.channels) == (2, ["q"])
+
+
+def test_replayed_memberships_keep_the_client_from_being_whole_until_their_markers_come():
+    c = core()
+    me = c.new_channel()
+    c.group_add("room", me)
+    c.expect_marker("room", me, now=0.0)
+    marker = [group_topic("room"), wire.pack({"op": "add", "ch": me, "ttl": 60_000, "seq": 0})]
+    c.on_sub(marker, now=0.0)
+    assert c.groups.replaying == set()
+    c.disconnected()
+    c.on_hello({"id": 2, "pub": "tcp://127.0.0.1:5556", "time": 1000.0, "resumed": False}, 1000.0, now=1.0)
+    assert c.groups.replaying == {("room", me)}
+    assert [verb for verb, _ in sent(c)] == [b"\x01GADD"]  # registered again
+    c.on_sub(marker, now=1.1)
+    assert c.groups.replaying == set()
