@@ -254,7 +254,7 @@ def stats(url, timeout, top, as_json, watch) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name", type=click.Choice(["core", "layers", "soak", "bytecodes"]), default="core")
+@click.argument("name", type=click.Choice(["core", "layers", "soak", "bytecodes", "chaos"]), default="core")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(name, args) -> None:
     """Run benchmarks/NAME.py from this checkout with ARGS (channelbus bench core --repeat 3;
@@ -263,7 +263,10 @@ def bench(name, args) -> None:
     core: the bus against a raw pyzmq forwarder (messages/s, round trip p50/p99); layers: the
     Channels layer against channels_redis (needs redis-server); soak: a long run with broker
     restarts; bytecodes: the Python work per message in the broker and a client, counted (not
-    timed). Each prints its figures and ratios; see docs/performance.md.
+    timed); chaos: the randomized system test (channelbus bench chaos -- --minutes 10), rounds of
+    random senders, receivers, pauses, CPU contention and broker kills, judged for lost,
+    doubled or unaccounted messages. Each prints its figures and ratios (chaos: a line per round
+    and a table); see docs/performance.md and docs/guarantees.md.
     """
     import os
     import runpy

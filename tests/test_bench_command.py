@@ -35,6 +35,12 @@ def test_bench_runs_the_named_script_with_its_arguments():
     assert "--messages" in result.output and "--rtt" in result.output
 
 
+def test_bench_chaos_takes_minutes_and_says_what_it_checks():
+    result = CliRunner().invoke(main, ["bench", "chaos", "--", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--minutes" in result.output and "--seeds" in result.output and "--variant" in result.output
+
+
 def test_bench_refuses_an_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
     assert result.exit_code == 2
