@@ -498,6 +498,9 @@ class Round:
             if not self.kills and record["doubt"]:
                 found.append(f"{name}: {len(record['doubt'])} send(s) raised BrokerUnavailable with no"
                              f" broker kill, e.g. {record['doubt'][0][3]}")
+            if not self.kills and record["counters"].get("in_doubt"):
+                found.append(f"{name}: {record['counters']['in_doubt']} pipelined send(s) in doubt with"
+                             " no broker kill (a connection dropped)")
             found += [f"{name}: {error}" for error in record["errors"][:5]]
         owner_of = {}
         for name, record in receivers.items():
