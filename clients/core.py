@@ -285,7 +285,7 @@ class ClientCore(Inbound):
             alone = alone and not self.posts and not self.outgoing  # (nothing queued goes first)
             self.reserved[channel] = left - 1
             self.unconfirmed += 1
-            if left - 1 <= RESERVE_WANT // 2 and not self._asking(channel):
+            if left - 1 <= RESERVE_WANT // 2 and channel not in self.refilling.values():
                 rid, reserve = self._build(
                     wire.Reserve, channel=channel, capacity=self.capacity_for(channel), want=RESERVE_WANT,
                 )
@@ -298,9 +298,11 @@ class ClientCore(Inbound):
                 return None, wire.Post.encode(channel, self.expiry, (body,), acks, self._pack)
             self.posts.setdefault(channel, []).append(body)
             return None, None
-        # Slots are asked for by the second send within RELEASE_IDLE, and by one request at a
-        # time per channel: concurrent sends while a grant is on its way ask for nothing more.
-        streaming = previous is not None and now - previous < RELEASE_IDLE and not self._asking(channel)
+        # Slots are asked for by the second send within RELEASE_IDLE, and by one SEND at a time
+        # per channel: concurrent sends while such a grant is on its way ask for nothing more.
+        # (A RESERVE on its way does not count: a sender that ran out of slots before its reply
+        # came asks again, so a sequential sender gets two grants per round trip.)
+        streaming = previous is not None and now - previous < RELEASE_IDLE and channel not in self.granting.values()
         rid, frames = self._build(
             wire.Send, channel=channel, capacity=self.capacity_for(channel), expiry=self.expiry,
             body=body, want=RESERVE_WANT if streaming else 0,
@@ -308,10 +310,6 @@ class ClientCore(Inbound):
         if streaming:
             self.granting[rid] = channel
         return rid, frames
-
-    def _asking(self, channel: str) -> bool:
-        """Whether a request that may grant slots on ``channel`` waits for its reply."""
-        return channel in self.granting.values() or channel in self.refilling.values()
 
     def _forget_old_sends(self, now: float) -> None:
         """Keep ``last_send`` small: past LAST_SEND_KEEP entries, drop the channels not sent to

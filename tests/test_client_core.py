@@ -266,8 +266,8 @@ def test_the_flags_of_a_compiled_channel_capacity_regex_travel_with_it():
         ClientCore(channel_capacity={re.compile(r"(?s)^ws", re.IGNORECASE): 2})
 
 
-def test_only_one_request_at_a_time_asks_for_slots_on_a_channel():
-    """Concurrent sends while a grant is on its way ask for nothing more: they would each
+def test_only_one_send_at_a_time_asks_for_slots_on_a_channel():
+    """Concurrent sends while a SEND's grant is on its way ask for nothing more: they would each
     reserve a share of the room, which sends from other senders would then have to revoke."""
     c = core()
     c.send("q", {"type": "t"}, now=0.0)
