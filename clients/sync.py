@@ -46,7 +46,8 @@ def _serialized(method):
             try:
                 return method(self, *args, **kwargs)
             finally:
-                self._turn.notify_all()  # (threads waiting for their turn, or for what it read)
+                if self._sleepers:  # (threads waiting for their turn, or for what it read)
+                    self._turn.notify_all()
 
     return call
 
@@ -97,6 +98,7 @@ class Client(FrontDoor):
         self._turn = threading.Condition(self._lock)
         self._polling = False  # a thread is in poll() with the lock released: hands off the sockets
         self._queued = 0  # threads waiting for the poller to let them at the sockets
+        self._sleepers = 0  # threads waiting on _turn (for their turn, or for what others read)
         self._wake_r, self._wake_w = os.pipe()  # a byte here interrupts the poll
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -429,16 +431,24 @@ class Client(FrontDoor):
                     os.write(self._wake_w, b"\0")
                 except BlockingIOError:
                     pass  # (the pipe is full of wake-ups already)
-                self._turn.wait()
+                self._sleep(None)
         finally:
             self._queued -= 1
+
+    def _sleep(self, timeout: float | None) -> None:
+        """Wait (lock released) until another thread wakes us or ``timeout`` passes."""
+        self._sleepers += 1
+        try:
+            self._turn.wait(timeout)
+        finally:
+            self._sleepers -= 1
 
     def _io(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds for input, digest all of it, send what follows. When
         other threads wait for their turn at the sockets, let them have it first (and return:
         the caller looks again at what it waits for)."""
         if self._queued:
-            self._turn.wait(timeout)
+            self._sleep(timeout)
             self._await_turn()
             self._ensure_open()
             return
@@ -456,7 +466,8 @@ class Client(FrontDoor):
         finally:
             self._lock.acquire()
             self._polling = False
-            self._turn.notify_all()
+            if self._sleepers:
+                self._turn.notify_all()
         self._ensure_open()  # (another thread may have closed the client meanwhile)
         if self._wake_r in ready:
             try:
