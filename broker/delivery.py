@@ -99,7 +99,7 @@ class Delivery:
         self.inboxes: dict[str, Inbox] = {}
         self.stalled: set[str] = set()
         self.bytes_held = 0  # bodies queued in inboxes (plus ITEM_OVERHEAD each): the memory ceiling's measure
-        self.held = 0  # messages queued or in flight (what bytes_held measures, counted)
+        self.messages_held = 0  # messages queued or in flight (what bytes_held measures, counted)
         self._dirty: set[str] | None = None
         self._pack = wire.packer()  # (the broker's one thread)
 
@@ -143,7 +143,7 @@ class Delivery:
                 return False
         inbox.add(body, expires_at)
         self.bytes_held += len(body) + ITEM_OVERHEAD
-        self.held += 1
+        self.messages_held += 1
         self.stats["accepted"] += 1
         return True
 
@@ -183,7 +183,7 @@ class Delivery:
         for body in bodies[:n] if n < len(bodies) else bodies:
             add(body, expires_at)
             self.bytes_held += len(body) + ITEM_OVERHEAD
-        self.held += n
+        self.messages_held += n
         self.stats["accepted"] += n
         return n
 
@@ -209,7 +209,7 @@ class Delivery:
             return None
         self._use_slots(peer, name, held, n)
         self.bytes_held += sum(map(len, bodies)) + ITEM_OVERHEAD * n
-        self.held += n
+        self.messages_held += n
         self.stats["accepted"] += n
         receiver.credits[name] = credit
         ready.popleft()
@@ -264,14 +264,14 @@ class Delivery:
         if dropped:
             self.stats["expired"] += len(dropped)
             self.bytes_held -= _size(dropped)
-            self.held -= len(dropped)
+            self.messages_held -= len(dropped)
 
     def drop_queued(self, name: str) -> int:
         """Empty ``name``'s queue (flush, or its owner left); return how many were dropped."""
         inbox = self.inboxes[name]
         dropped = inbox.clear()
         self.bytes_held -= _size(dropped)
-        self.held -= len(dropped)
+        self.messages_held -= len(dropped)
         self.gc(name)
         return len(dropped)
 
@@ -305,7 +305,7 @@ class Delivery:
         if not items:
             del peer.unacked[name]
         self.bytes_held -= freed
-        self.held -= n
+        self.messages_held -= n
         self.stats["acknowledged"] += n
         inbox = self.inboxes[name]
         inbox.inflight -= n
@@ -357,7 +357,7 @@ class Delivery:
             body, expires_at = item
             if expires_at <= now:
                 self.bytes_held -= len(body) + ITEM_OVERHEAD
-                self.held -= 1
+                self.messages_held -= 1
                 self.stats["expired"] += 1
                 continue
             items.append(item)
@@ -415,7 +415,7 @@ class Delivery:
                 self.stalled.add(name)
             else:
                 self.bytes_held -= _size(items)
-                self.held -= len(items)
+                self.messages_held -= len(items)
                 self.stats["dropped_owner_gone"] += len(items)
         for name, held in peer.reserved.items():
             inbox = self.inboxes.get(name)

@@ -18,8 +18,8 @@ POST, each normal member's copy of a group message) is, at every moment, in exac
     accepted == queued + in_flight + acknowledged + expired + flushed
                 + dropped_full + dropped_memory + dropped_owner_gone
 
-``queued + in_flight`` is ``Delivery.held`` (kept beside ``bytes_held``), and at a scan also
-counted from the queues; the rest are STATS counters (``dropped_full`` and ``dropped_memory``: a
+``queued + in_flight`` is ``Delivery.messages_held`` (kept beside ``bytes_held``), and at a scan
+also counted from the queues; the rest are STATS counters (``dropped_full`` and ``dropped_memory``: a
 group member skipped because it was full or the broker's memory was; ``dropped_owner_gone``:
 waiting for, or pushed to, a process-specific channel whose owner the broker forgot). The other
 rules say that the running counts agree with what they count, that nothing is negative, and that
@@ -36,8 +36,8 @@ from .protocol.names import owner_of
 if TYPE_CHECKING:
     from .routing import Router
 
-CONSERVATION = ("accepted", "acknowledged", "flushed", "dropped_full", "dropped_memory", "dropped_owner_gone")
 FATES = ("acknowledged", "expired", "flushed", "dropped_full", "dropped_memory", "dropped_owner_gone")
+CONSERVATION = ("accepted", *FATES)  # the STATS counters conservation needs
 
 
 class InvariantError(AssertionError):
@@ -63,18 +63,18 @@ def problems(router: "Router", scan: bool = True) -> list[str]:
     found: list[str] = []
     delivery = router.delivery
     peers = delivery.peers
-    stats = router.stats
-    gone = sum(stats[fate] for fate in FATES)
-    if stats["accepted"] != delivery.held + gone:
+    stats, held = router.stats, delivery.messages_held
+    total = held + sum(stats[fate] for fate in FATES)
+    if stats["accepted"] != total:
         detail = ", ".join(f"{fate} {stats[fate]}" for fate in FATES)
-        found.append(f"conservation: accepted {stats['accepted']} != the sum of the fates"
-                     f" {delivery.held + gone} (queued or in flight {delivery.held}, {detail})")
+        found.append(f"conservation: accepted {stats['accepted']} != the sum of the fates {total}"
+                     f" (queued or in flight {held}, {detail})")
     if not scan:
         return found
 
     counted = fates(router)
-    if counted["queued"] + counted["in_flight"] != delivery.held:
-        found.append(f"messages held counted {delivery.held}, held {counted['queued']} queued and"
+    if counted["queued"] + counted["in_flight"] != held:
+        found.append(f"messages held counted {held}, held {counted['queued']} queued and"
                      f" {counted['in_flight']} in flight")
 
     unacked_by_name: dict[str, int] = {}
@@ -93,9 +93,9 @@ def problems(router: "Router", scan: bool = True) -> list[str]:
             found.append(f"{name!r}: reserved counted {inbox.reserved}, held by peers {reserved}")
         if inbox.owner != owner_of(name):
             found.append(f"{name!r}: owner {inbox.owner!r}, but the name says {owner_of(name)!r}")
-        gone = [rid for rid in inbox.ready if rid not in peers]
-        if gone:
-            found.append(f"{name!r}: ready receivers {gone} are not connected")
+        absent = [rid for rid in inbox.ready if rid not in peers]
+        if absent:
+            found.append(f"{name!r}: ready receivers {absent} are not connected")
         if inbox.queue and inbox.soonest > min(expires for _, expires in inbox.queue):
             found.append(f"{name!r}: its soonest expiry {inbox.soonest} is after a queued message's")
         bytes_held += sum(len(body) + ITEM_OVERHEAD for body, _ in inbox.queue)

@@ -45,10 +45,9 @@ class FrontDoor:
 
     def _raise_lost(self) -> None:
         """Raise MessagesLost if sends that had returned were lost since the last call."""
-        if self._core.lost:
-            lost = self._core.take_lost()
-            if lost is not None:
-                raise lost
+        lost = self._core.take_lost()
+        if lost is not None:
+            raise lost
 
 
 def publisher_url(advertised: str, dialled: str) -> str:
