@@ -1,25 +1,14 @@
 """``Client``: the blocking front door over ``ClientCore``. Mirrors ``clients.asyncio``.
 
-A Client may be shared by threads (a thread pool, the views of a sync web server). Its sockets
-may not be (ZeroMQ sockets are not thread-safe: two threads in them at once abort the process),
-so every call takes the client's lock, and only one thread at a time uses the sockets:
-
-- A call that must wait for the broker (a reply, a message, the link) polls the sockets with the
-  lock released, and says so (``_polling``); whatever it reads, for any thread, it digests once
-  it has the lock back, and wakes the others (a condition variable).
-- A thread that needs the sockets while another polls them interrupts that poll (a byte on a
-  pipe the poll also watches) and waits for it to end; the poller then lets the waiting threads
-  have their turn (``_queued``) before it polls again.
-
-Used from one thread, the lock is never contended and nothing else changes.
+A Client may be shared by threads (a thread pool, the views of a sync web server): every call
+holds the client's lock, and the threads take turns at its sockets (``clients.turns``), so that
+a thread waiting for the broker lets the others send meanwhile.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-import threading
 import time
 
 import zmq
@@ -31,6 +20,7 @@ from broker.zio import readable, recv_frames, send_frames
 from .core import ClientCore
 from .frontdoor import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, FrontDoor, publisher_url
 from .errors import BrokerUnavailable, BusError, ReceiveTimeout
+from .turns import Turns
 
 DEFAULT_URL = "tcp://127.0.0.1:5555"
 log = logging.getLogger("channelbus.client")
@@ -41,13 +31,13 @@ def _serialized(method):
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        with self._lock:
-            self._await_turn()
+        turns = self._turns
+        with turns.lock:
+            turns.await_turn()
             try:
                 return method(self, *args, **kwargs)
             finally:
-                if self._sleepers:  # (threads waiting for their turn, or for what it read)
-                    self._turn.notify_all()
+                turns.wake_sleepers()  # (threads waiting for their turn, or for what it read)
 
     return call
 
@@ -94,15 +84,7 @@ class Client(FrontDoor):
         self._poller = zmq.Poller()
         for sock in (self._dealer, self._sub, self._monitor):
             self._poller.register(sock, zmq.POLLIN)
-        self._lock = threading.RLock()  # every call holds it (but while it polls, or waits its turn)
-        self._turn = threading.Condition(self._lock)
-        self._polling = False  # a thread is in poll() with the lock released: hands off the sockets
-        self._queued = 0  # threads waiting for the poller to let them at the sockets
-        self._sleepers = 0  # threads waiting on _turn (for their turn, or for what others read)
-        self._wake_r, self._wake_w = os.pipe()  # a byte here interrupts the poll
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._turns = Turns(self._poller)  # every call holds its lock; threads take turns
         self._waiting: set[int] = set()  # requests sent whose replies are awaited
         self._closed = False
         self._online = False
@@ -110,7 +92,7 @@ class Client(FrontDoor):
         self._hello_error: BusError | None = None
         self._listeners: list = []
         self._rejoining = False  # reconnected, replayed memberships not yet confirmed
-        with self._lock:  # (the waits below release it, as every wait does)
+        with self._turns.lock:  # (the waits below release it, as every wait does)
             try:
                 self._dealer.connect(url)
                 self._wait_until_whole(time.monotonic() + timeout, first=True)
@@ -124,7 +106,7 @@ class Client(FrontDoor):
         """Call ``listener(event)`` with "disconnected" or "reconnected" as the link changes
         (from inside whichever call of the client is doing I/O at the time; it may call the
         client)."""
-        with self._lock:
+        with self._turns.lock:
             self._listeners.append(listener)
 
     def _notify(self, event: str) -> None:
@@ -302,8 +284,7 @@ class Client(FrontDoor):
         self._monitor.close(linger=0)
         self._dealer.close(linger=CLOSE_LINGER_MS)
         self._sub.close(linger=0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._turns.close()
 
     def _catch_up(self) -> None:
         """Take in what came while the application was not calling us: link events (e.g. the
@@ -419,37 +400,13 @@ class Client(FrontDoor):
                     " have been carried out", endpoint=self.url, timeout=self.timeout,
                 )
 
-    def _await_turn(self) -> None:
-        """Until no other thread is polling the sockets: interrupt its poll and wait for it to
-        end. Then the sockets are this thread's until it releases the lock."""
-        if not self._polling:
-            return
-        self._queued += 1
-        try:
-            while self._polling:
-                try:
-                    os.write(self._wake_w, b"\0")
-                except BlockingIOError:
-                    pass  # (the pipe is full of wake-ups already)
-                self._sleep(None)
-        finally:
-            self._queued -= 1
-
-    def _sleep(self, timeout: float | None) -> None:
-        """Wait (lock released) until another thread wakes us or ``timeout`` passes."""
-        self._sleepers += 1
-        try:
-            self._turn.wait(timeout)
-        finally:
-            self._sleepers -= 1
-
     def _io(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds for input, digest all of it, send what follows. When
         other threads wait for their turn at the sockets, let them have it first (and return:
         the caller looks again at what it waits for)."""
-        if self._queued:
-            self._sleep(timeout)
-            self._await_turn()
+        turns = self._turns
+        if turns.queued:
+            turns.give_way(timeout)
             self._ensure_open()
             return
         core = self._core
@@ -459,21 +416,8 @@ class Client(FrontDoor):
         if due is not None:
             until_due = max(0.0, due - time.monotonic())
             timeout = until_due if timeout is None else min(timeout, until_due)
-        self._polling = True
-        self._lock.release()
-        try:
-            ready = dict(self._poller.poll(None if timeout is None else timeout * 1000))
-        finally:
-            self._lock.acquire()
-            self._polling = False
-            if self._sleepers:
-                self._turn.notify_all()
+        ready = turns.poll(self._poller, timeout)
         self._ensure_open()  # (another thread may have closed the client meanwhile)
-        if self._wake_r in ready:
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
         self._digest(ready)
 
     def _take_in(self) -> None:
