@@ -106,6 +106,18 @@ def sender_main(config: dict) -> None:
         with lock:
             record["ok"].append([ident, kind, name, time.monotonic()])
 
+    def failed(exc: Exception, ident: str, kind: str, name: str) -> bool:
+        """Record why a send failed; True if it is to be tried again (ChannelFull)."""
+        with lock:
+            if isinstance(exc, ChannelFull):
+                record["full"] += 1
+                return True
+            if isinstance(exc, BrokerUnavailable):
+                record["doubt"].append([ident, kind, name, repr(exc)[:200]])
+            else:  # (anything else breaks a rule)
+                record["errors"].append(f"{type(exc).__name__}: {exc}"[:300])
+            return False
+
     def pause(local: random.Random) -> float:
         roll = local.random()
         if roll < config["pause_rate"]:
@@ -130,18 +142,10 @@ def sender_main(config: dict) -> None:
                             client.send(name, message)
                         done(kind, name, ident)
                         break
-                    except ChannelFull:
-                        with lock:
-                            record["full"] += 1
+                    except Exception as exc:  # noqa: BLE001
+                        if not failed(exc, ident, kind, name):
+                            break
                         time.sleep(local.uniform(0.0005, 0.005))
-                    except BrokerUnavailable as exc:
-                        with lock:
-                            record["doubt"].append([ident, kind, name, repr(exc)[:200]])
-                        break
-                    except Exception as exc:  # noqa: BLE001 (anything else breaks a rule)
-                        with lock:
-                            record["errors"].append(f"{type(exc).__name__}: {exc}"[:300])
-                        break
                 delay = pause(local)
                 if delay:
                     time.sleep(delay)
@@ -170,15 +174,10 @@ def sender_main(config: dict) -> None:
                                     await client.send(name, message)
                                 done(kind, name, ident)
                                 break
-                            except ChannelFull:
-                                record["full"] += 1
-                                await asyncio.sleep(local.uniform(0.0005, 0.005))
-                            except BrokerUnavailable as exc:
-                                record["doubt"].append([ident, kind, name, repr(exc)[:200]])
-                                break
                             except Exception as exc:  # noqa: BLE001
-                                record["errors"].append(f"{type(exc).__name__}: {exc}"[:300])
-                                break
+                                if not failed(exc, ident, kind, name):
+                                    break
+                                await asyncio.sleep(local.uniform(0.0005, 0.005))
                         delay = pause(local)
                         await asyncio.sleep(delay)  # (also yields: the other tasks go on)
 
