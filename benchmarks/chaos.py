@@ -23,7 +23,9 @@ and the round is judged from those records alone:
   after a kill, after its client said "reconnected"), except those its client counted as skipped
   (full) or lost by the publisher;
 - no call raises anything but ``ChannelFull`` (retried) and, in the kills variant,
-  ``BrokerUnavailable`` (the send is then "in doubt": it may or may not have been carried out);
+  ``BrokerUnavailable`` (the send is then "in doubt": it may or may not have been carried out)
+  and ``MessagesLost`` (earlier pipelined sends that never left the process when the connection
+  dropped: counted, and at most the sends lost at kills);
 - no process dies, none hangs, the broker's check mode never fires, and at the end STATS accounts
   for every message the last broker accepted.
 
@@ -90,11 +92,11 @@ def _targets(config: dict, rng: random.Random) -> tuple[str, str]:
 
 
 def sender_main(config: dict) -> None:
-    from clients import AsyncClient, BrokerUnavailable, ChannelFull, Client
+    from clients import AsyncClient, BrokerUnavailable, ChannelFull, Client, MessagesLost
 
     rng = random.Random(config["seed"])
     capacities = {name: cap for name, cap in config["capacities"].items()}
-    record = {"ok": [], "doubt": [], "full": 0, "errors": [], "counters": {}}
+    record = {"ok": [], "doubt": [], "full": 0, "announced_lost": 0, "errors": [], "counters": {}}
     lock = threading.Lock()
     numbers = iter(range(10**9))
 
@@ -107,10 +109,16 @@ def sender_main(config: dict) -> None:
             record["ok"].append([ident, kind, name, time.monotonic()])
 
     def failed(exc: Exception, ident: str, kind: str, name: str) -> bool:
-        """Record why a send failed; True if it is to be tried again (ChannelFull)."""
+        """Record why a send failed; True if it is to be tried again (ChannelFull, and
+        MessagesLost, which says earlier sends were lost and sent nothing itself)."""
         with lock:
             if isinstance(exc, ChannelFull):
                 record["full"] += 1
+                return True
+            if isinstance(exc, MessagesLost):
+                record["announced_lost"] += exc.count
+                if not config["kills"]:
+                    record["errors"].append(f"MessagesLost with no broker kill: {exc}"[:300])
                 return True
             if isinstance(exc, BrokerUnavailable):
                 record["doubt"].append([ident, kind, name, repr(exc)[:200]])
@@ -394,7 +402,7 @@ class Round:
                     "seed": rng.randrange(1 << 30), "kind": kind, "concurrency": concurrency,
                     "channels": plan["channels"], "capacities": plan["capacities"],
                     "capacity": rng.choice(CAPACITIES), "owned": owned,
-                    "pause_rate": rng.choice((0.0, 0.02, 0.2)),
+                    "pause_rate": rng.choice((0.0, 0.02, 0.2)), "kills": self.kills,
                 })
             self.start("burner", "burner", {"seed": rng.randrange(1 << 30)})
             self._run_for(self.seconds)
@@ -488,9 +496,10 @@ class Round:
                 found.append(f"{name} left no record")
         sent: dict[str, list] = {}
         doubt: set[str] = set()
-        full = 0
+        full = announced = 0
         for name, record in senders.items():
             full += record["full"]
+            announced += record["announced_lost"]
             for ident, kind, target, at in record["ok"]:
                 sent[ident] = [kind, target, at]
             doubt.update(ident for ident, *_ in record["doubt"])
@@ -524,6 +533,9 @@ class Round:
             else:
                 found.append(f"{ident} ({kind} to {target}) returned from send at {at:.3f} and was never"
                              " received, with no broker kill after it")
+        if announced > lost_at_kill:
+            found.append(f"the clients announced {announced} lost message(s) (MessagesLost), more than"
+                         f" the {lost_at_kill} returned sends that were never received")
         if phantom:
             found.append(f"{phantom} message(s) received that no send carried")
         if duplicate:
@@ -559,7 +571,7 @@ class Round:
             "capacities": ",".join(str(plan["capacities"][ch]) for ch in plan["channels"]),
             "receivers": len(plan["receivers"]), "sent": len(sent), "received": received,
             "full": full, "doubt": len(doubt), "kills": len(self.kill_times),
-            "lost_at_kill": lost_at_kill, "group_missing": group_missing, "violations": found,
+            "lost_at_kill": lost_at_kill, "announced": announced, "group_missing": group_missing, "violations": found,
         }
 
     def _required(self, record: dict, at: float) -> bool:
@@ -576,7 +588,7 @@ class Round:
 
 def _print_table(results: list[dict]) -> None:
     columns = ("seed", "variant", "senders", "capacities", "receivers", "sent", "received", "full",
-               "doubt", "kills", "lost_at_kill", "group_missing")
+               "doubt", "kills", "lost_at_kill", "announced", "group_missing")
     rows = [[str(r[c]) for c in columns] + ["ok" if not r["violations"] else f"{len(r['violations'])} broken"]
             for r in results]
     header = [*columns, "verdict"]
@@ -632,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {index + 1} seed {seed} {result['variant']} ({time.monotonic() - started:.0f} s):"
               f" {result['sent']} sent, {result['received']} received, {result['full']} full refusals,"
               f" {result['doubt']} in doubt, {result['kills']} kills, {result['lost_at_kill']} lost at"
-              f" kills, {result['group_missing']} group messages missed; {verdict}", flush=True)
+              f" kills ({result['announced']} of them announced by MessagesLost),"
+              f" {result['group_missing']} group messages missed; {verdict}", flush=True)
         if not args.keep and not result["violations"]:
             for path in workdir.iterdir():
                 path.unlink()
