@@ -750,6 +750,14 @@ def fill_around_as_slots(a, c) -> None:
         ok(c.send("q", n, cap=5), b"C")
 
 
+def test_reserved_slots_count_towards_capacity_until_revoked(router, a, c):
+    fill_around_as_slots(a, c)
+    assert router.inboxes["q"].depth() == 5  # 3 queued + 2 reserved
+    assert ok(c.reserve("q", 1, cap=5), b"C")["grant"] == 0  # no room left to reserve
+    ok(c.send("q", 3, cap=5), b"C")  # revokes A's two: they count no more
+    assert router.inboxes["q"].depth() == 4
+
+
 def test_a_send_that_needs_room_held_by_reserved_slots_revokes_them_and_is_queued_at_once(router, a, c):
     fill_around_as_slots(a, c)
     outs = c.send("q", 3, cap=5)
