@@ -132,6 +132,7 @@ class Membership:
         awaiting its first marker gets the full ``group_expiry``."""
         memberships = {(g, ch): until for g, chs in self.members.items() for ch, until in chs.items()}
         memberships.update({key: now + group_expiry for key in self.awaiting if key not in memberships})
+        self.group_seq.clear()  # (another broker numbers anew: its markers give the new numbers)
         again = []
         for (group, channel), until in sorted(memberships.items()):
             if until <= now:

@@ -243,6 +243,22 @@ def test_a_gap_in_a_groups_numbers_is_counted_as_lost_not_hidden():
     assert c.lost_group_messages == 2
 
 
+def test_a_restarted_brokers_numbers_are_not_counted_against_the_old_ones():
+    """A broker that did not know this client numbers its group messages anew, and may have
+    published some before this client's subscription was live again: the replayed membership's
+    marker gives the number to follow, so nothing is counted as lost that was not."""
+    c = core()
+    me = c.new_channel()
+    c.group_add("room", me)
+    topic = group_topic("room")
+    c.on_sub([topic, wire.pack({"op": "add", "ch": me, "ttl": 60_000, "seq": 5})], now=0.0)
+    c.disconnected()
+    c.on_hello({"id": 2, "pub": "tcp://127.0.0.1:5556", "time": 1000.0, "resumed": False}, 1000.0, now=1.0)
+    c.on_sub([topic, wire.pack({"op": "add", "ch": me, "ttl": 60_000, "seq": 9})], now=1.1)  # 9 before it
+    c.on_sub([topic, wire.pack({"op": "msg", "ttl": 60_000, "cap": 100, "seq": 10}), BODY], now=1.2)
+    assert c.lost_group_messages == 0
+
+
 def test_a_receive_window_below_one_is_refused_when_the_client_is_made():
     with pytest.raises(ValueError, match="receive_window"):
         ClientCore(receive_window=0)
