@@ -19,9 +19,10 @@ and the round is judged from those records alone:
   unless the broker was killed after the send returned (a killed broker loses what it held: the
   documented exception, counted as "lost at a kill");
 - nothing is received that was not sent, and nothing twice;
-- a member of the group receives every group message sent after its ``group_add`` returned (or,
-  after a kill, after its client said "reconnected"), except those its client counted as skipped
-  (full) or lost by the publisher;
+- a member of the group receives every group message whose send began after its ``group_add``
+  returned (or, after a kill, after its client said "reconnected") and before any later kill,
+  except those its client counted as skipped (full) or lost by the publisher;
+- no receiver's connection drops while the broker runs (steady variant);
 - no call raises anything but ``ChannelFull`` (retried) and, in the kills variant,
   ``BrokerUnavailable`` (the send is then "in doubt": it may or may not have been carried out)
   and ``MessagesLost`` (earlier pipelined sends that never left the process when the connection
@@ -104,9 +105,9 @@ def sender_main(config: dict) -> None:
         with lock:
             return f"{config['name']}:{next(numbers)}"
 
-    def done(kind: str, name: str, ident: str) -> None:
+    def done(kind: str, name: str, ident: str, started: float) -> None:
         with lock:
-            record["ok"].append([ident, kind, name, time.monotonic()])
+            record["ok"].append([ident, kind, name, time.monotonic(), started])
 
     def failed(exc: Exception, ident: str, kind: str, name: str) -> bool:
         """Record why a send failed; True if it is to be tried again (ChannelFull, and
@@ -144,11 +145,12 @@ def sender_main(config: dict) -> None:
                 message = _payload(local, ident, kind)
                 while not _stopping(config):
                     try:
+                        started = time.monotonic()
                         if kind == "group":
                             client.group_send(name, message, wait=local.random() < 0.5)
                         else:
                             client.send(name, message)
-                        done(kind, name, ident)
+                        done(kind, name, ident, started)
                         break
                     except Exception as exc:  # noqa: BLE001
                         if not failed(exc, ident, kind, name):
@@ -176,11 +178,12 @@ def sender_main(config: dict) -> None:
                         message = _payload(local, ident, kind)
                         while not _stopping(config):
                             try:
+                                started = time.monotonic()
                                 if kind == "group":
                                     await client.group_send(name, message, wait=local.random() < 0.5)
                                 else:
                                     await client.send(name, message)
-                                done(kind, name, ident)
+                                done(kind, name, ident, started)
                                 break
                             except Exception as exc:  # noqa: BLE001
                                 if not failed(exc, ident, kind, name):
@@ -500,8 +503,8 @@ class Round:
         for name, record in senders.items():
             full += record["full"]
             announced += record["announced_lost"]
-            for ident, kind, target, at in record["ok"]:
-                sent[ident] = [kind, target, at]
+            for ident, kind, target, at, started in record["ok"]:
+                sent[ident] = [kind, target, at, started]
             doubt.update(ident for ident, *_ in record["doubt"])
             if not self.kills and record["doubt"]:
                 found.append(f"{name}: {len(record['doubt'])} send(s) raised BrokerUnavailable with no"
@@ -513,6 +516,9 @@ class Round:
         owner_of = {}
         for name, record in receivers.items():
             found += [f"{name}: {error}" for error in record["errors"][:5]]
+            if not self.kills and record["disconnected"]:
+                found.append(f"{name}: its connection to a broker that was never killed dropped"
+                             f" {len(record['disconnected'])} time(s)")
         names = {json.loads((self.workdir / f"{n}.name").read_text())["channel"]: n
                  for n in receivers if (self.workdir / f"{n}.name").exists()}
         owner_of.update(names)
@@ -527,7 +533,7 @@ class Round:
                     found.append(f"{ident} for {sent[ident][1]} was received by {name}")
         duplicate = sum(1 for count in seen.values() if count > 1)
         missing = [(ident, info) for ident, info in sent.items() if info[0] != "group" and ident not in seen]
-        for ident, (kind, target, at) in missing:
+        for ident, (kind, target, at, _) in missing:
             if self.exposed(at):
                 lost_at_kill += 1
             else:
@@ -540,7 +546,7 @@ class Round:
             found.append(f"{phantom} message(s) received that no send carried")
         if duplicate:
             found.append(f"{duplicate} message(s) received more than once")
-        group_sends = {ident: info[2] for ident, info in sent.items() if info[0] == "group"}
+        group_sends = {ident: info[3] for ident, info in sent.items() if info[0] == "group"}  # (started)
         group_missing = 0
         for name, record in receivers.items():
             got = [m[0] for m in record["own"] if m[1] == "group"]
@@ -550,7 +556,7 @@ class Round:
                 found.append(f"{name} received a group message that no group_send carried")
             if record["added"] is None:
                 continue
-            required = [ident for ident, at in group_sends.items() if self._required(record, at)]
+            required = [ident for ident, started in group_sends.items() if self._required(record, started)]
             absent = len(set(required) - set(got))
             excused = record["counters"].get("group_full", 0) + record["counters"].get("group_lost", 0)
             group_missing += absent
@@ -574,14 +580,18 @@ class Round:
             "lost_at_kill": lost_at_kill, "announced": announced, "group_missing": group_missing, "violations": found,
         }
 
-    def _required(self, record: dict, at: float) -> bool:
-        """Whether a group message whose send returned at ``at`` must reach this member: it was
-        a live member then (added, and whole again after every kill before it), and the broker
-        was not killed after it."""
-        if at <= record["added"] or self.exposed(at):
+    def _required(self, record: dict, started: float) -> bool:
+        """Whether a group message whose send began at ``started`` must reach this member: the
+        member was live then (its group_add had returned, and its client had said "reconnected"
+        after every kill and every drop of its own connection before it), and from then on
+        neither was the broker killed nor did the member's connection drop. (The start, not the
+        return: a send that began before the member was live again may return after.)"""
+        if started <= record["added"] or self.exposed(started):
             return False
-        for kill in self.kill_times:
-            if kill < at and not any(kill < back < at for back in record["reconnected"]):
+        if any(drop > started for drop in record["disconnected"]):
+            return False
+        for down in [*self.kill_times, *record["disconnected"]]:
+            if down < started and not any(down < back < started for back in record["reconnected"]):
                 return False
         return True
 
