@@ -97,7 +97,12 @@ def sender_main(config: dict) -> None:
 
     rng = random.Random(config["seed"])
     capacities = {name: cap for name, cap in config["capacities"].items()}
-    record = {"ok": [], "doubt": [], "full": 0, "announced_lost": 0, "errors": [], "counters": {}}
+    record = {"ok": [], "doubt": [], "full": 0, "announced_lost": 0, "errors": [], "counters": {},
+              "disconnected": []}
+
+    def on_link(event: str) -> None:
+        if event == "disconnected":
+            record["disconnected"].append(time.monotonic())
     lock = threading.Lock()
     numbers = iter(range(10**9))
 
@@ -136,6 +141,7 @@ def sender_main(config: dict) -> None:
     settings = dict(capacity=config["capacity"], channel_capacity=capacities, timeout=config["timeout"])
     if config["kind"] == "blocking":
         client = Client(config["url"], **settings)
+        client.add_listener(on_link)
 
         def worker(index: int) -> None:
             local = random.Random(f"{config['seed']}:{index}")
@@ -170,6 +176,7 @@ def sender_main(config: dict) -> None:
     else:
         async def run() -> None:
             async with AsyncClient(config["url"], **settings) as client:
+                client.add_listener(on_link)
                 async def task(index: int) -> None:
                     local = random.Random(f"{config['seed']}:{index}")
                     while not _stopping(config):
@@ -442,10 +449,10 @@ class Round:
             time.sleep(min(self.rng.uniform(1.0, 5.0), max(0.0, end - now)))
             if time.monotonic() >= end - 1.0:
                 continue
+            self.kill_times.append(time.monotonic())  # (before the signal: no send after it is safe)
             self.broker.kill()
             self.broker.wait(10)
             self.broker.stdout.close()
-            self.kill_times.append(time.monotonic())
             time.sleep(self.rng.uniform(0.0, 1.0))
             self.start_broker()
 
@@ -487,9 +494,18 @@ class Round:
             records[path.stem] = json.loads(path.read_text())
         return records
 
-    def exposed(self, returned_at: float) -> bool:
-        """Whether the broker was killed after a send returned at ``returned_at``."""
-        return any(kill > returned_at for kill in self.kill_times)
+    def exposed(self, returned_at: float, noticed: list[float] | None = None) -> bool:
+        """Whether a send that returned at ``returned_at`` may have been lost with a killed
+        broker: a kill came after it; or (``noticed``: when the sender's client saw its
+        connection drop) a kill came before it that its client had not noticed yet, so that it
+        handed a pipelined send to a dead connection (counted in the client's ``in_doubt``)."""
+        for kill in self.kill_times:
+            if kill > returned_at:
+                return True
+            first_seen = min((seen for seen in noticed or () if seen >= kill), default=None)
+            if first_seen is not None and first_seen > returned_at:
+                return True  # (it returned between the kill and its client's noticing it)
+        return False
 
     def judge(self, plan: dict, stats: dict | None) -> dict:
         senders, receivers = self._records("s"), self._records("r")
@@ -504,7 +520,7 @@ class Round:
             full += record["full"]
             announced += record["announced_lost"]
             for ident, kind, target, at, started in record["ok"]:
-                sent[ident] = [kind, target, at, started]
+                sent[ident] = [kind, target, at, started, record["disconnected"]]
             doubt.update(ident for ident, *_ in record["doubt"])
             if not self.kills and record["doubt"]:
                 found.append(f"{name}: {len(record['doubt'])} send(s) raised BrokerUnavailable with no"
@@ -533,8 +549,8 @@ class Round:
                     found.append(f"{ident} for {sent[ident][1]} was received by {name}")
         duplicate = sum(1 for count in seen.values() if count > 1)
         missing = [(ident, info) for ident, info in sent.items() if info[0] != "group" and ident not in seen]
-        for ident, (kind, target, at, _) in missing:
-            if self.exposed(at):
+        for ident, (kind, target, at, _, noticed) in missing:
+            if self.exposed(at, noticed):
                 lost_at_kill += 1
             else:
                 found.append(f"{ident} ({kind} to {target}) returned from send at {at:.3f} and was never"
