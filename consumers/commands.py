@@ -236,7 +236,8 @@ def listen(channel, group, count, url, timeout) -> None:
               help="Print again every SECONDS (with rates per second) until interrupted.")
 def stats(url, timeout, top, as_json, watch) -> None:
     """Show the broker's figures: clients, channels by depth, groups, message rates,
-    refusals, memory held and uptime."""
+    refusals, where every accepted message is now (queued, in flight, acknowledged, expired,
+    flushed or dropped: the "accounted" line, which must add up), memory held and uptime."""
     from .debug import format_stats
 
     previous = None
