@@ -86,7 +86,6 @@ class Router(GroupRouting):
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
         self._strikes_since: dict[bytes, float] = {}
-        self._last_now = started
         self._handlers: dict[type, Callable] = {
             wire.Hello: self._hello, wire.Send: self._send, wire.Reserve: self._reserve,
             wire.Post: self._post, wire.Release: self._release, wire.GroupSend: self._group_send,
@@ -113,7 +112,6 @@ class Router(GroupRouting):
 
     def handle(self, rid: bytes, frames: list[bytes], now: float) -> list[Out]:
         """Process one message from peer ``rid``; return what to send."""
-        self._last_now = now
         if rid in self.banned:
             if now < self.banned[rid]:
                 return []
