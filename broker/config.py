@@ -59,6 +59,11 @@ class BrokerConfig:
     heartbeat: float = 1.0
     busy_poll: int = 0  # microseconds the broker keeps polling for the next command before it sleeps
     check: bool = False  # check the routing state's rules (conservation) after every batch and tick
+    secret_key: str | None = None  # the broker's own .key_secret file: CURVE on both sockets
+    authorized_keys: str | None = None  # directory of the .key files of the clients let in
+    permissions: str | None = None  # TOML file of what each key may do (broker.permissions)
+    insecure: bool = False  # allow binding beyond loopback without CURVE (protected mode off)
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -81,8 +86,44 @@ class BrokerConfig:
             )
         if type(self.check) is not bool:
             raise ConfigError(f"check must be true or false, got {self.check!r}")
+        self._check_security()
+        match = _METRICS_RE.match(str(self.metrics)) if self.metrics is not None else None
+        if self.metrics is not None and not (match and 0 < int(match.group(2)) < 65536):
+            raise ConfigError(f"metrics must be HOST:PORT such as 127.0.0.1:9464, got {self.metrics!r}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+
+    def _check_security(self) -> None:
+        """The key settings go together; protected mode (after Redis): without keys, bind only
+        to loopback (or ipc), unless the operator says ``insecure``."""
+        if type(self.insecure) is not bool:
+            raise ConfigError(f"insecure must be true or false, got {self.insecure!r}")
+        for name in ("secret_key", "authorized_keys", "permissions"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{name} must be a path, got {value!r}")
+        if self.secret_key and not self.authorized_keys:
+            raise ConfigError(
+                "secret_key needs authorized_keys: the directory of the public .key files of the"
+                " clients allowed in (channelbus keygen NAME --dir DIR writes them)"
+            )
+        if not self.secret_key:
+            for name in ("authorized_keys", "permissions"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"{name} needs secret_key: keys identify clients only with CURVE on"
+                        " (channelbus keygen broker writes the broker's key pair)"
+                    )
+            exposed = [e for e in (self.bind, self.pub_bind) if not is_local(e)]
+            if exposed and not self.insecure:
+                raise ConfigError(
+                    f"protected mode: {exposed[0]} is reachable beyond this host and the broker has no"
+                    " keys, so anyone who can reach it could read every channel and flush the"
+                    " broker. Generate keys (channelbus keygen broker --dir keys; channelbus keygen"
+                    " CLIENT --dir keys/authorized) and pass --secret-key keys/broker.key_secret"
+                    " --authorized-keys keys/authorized (docs/security.md), bind to 127.0.0.1, or"
+                    " pass --insecure if a firewall or private network protects the ports"
+                )
 
     def limits(self) -> Limits:
         return Limits(
@@ -94,6 +135,16 @@ class BrokerConfig:
 
 
 SETTINGS = tuple(f.name for f in fields(BrokerConfig))
+_METRICS_RE = re.compile(r"\A(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})\Z")
+
+
+def is_local(endpoint: str) -> bool:
+    """Whether ``endpoint`` can only be reached from this host: loopback TCP, ipc or inproc."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    return host.startswith("127.") or host in ("localhost", "::1")
 
 
 def load_toml(path: str) -> dict:

@@ -60,6 +60,7 @@ class Peer:
     blocked_until: float = 0.0
     heartbeat: float = 0.0  # seconds between the client's heartbeats; 0: it sends none
     last_seen: float = 0.0
+    key: str | None = None  # the name of the CURVE key its connection authenticated with
 
     @property
     def inflight(self) -> dict[str, int]:

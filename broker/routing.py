@@ -27,10 +27,12 @@ import heapq
 from dataclasses import dataclass
 from typing import Callable
 
+from .access import AccessControl
 from .delivery import ITEM_OVERHEAD, PUB, Delivery, Out, Peer
 from .group_routing import GROUP_SWEEP_SECONDS, JOIN_TIMEOUT, GroupRouting
 from . import invariants
 from .invariants import CONSERVATION
+from .permissions import Permissions
 from .protocol import wire
 from .protocol.errors import ProtocolError
 from .protocol.fields import MAP_FIRST_BYTES
@@ -41,7 +43,7 @@ __all__ = [
     "RESERVE_HEADROOM", "STRIKE_WINDOW", "Limits", "Out", "Router",
 ]
 
-REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken")  # answered, not struck
+REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken", "forbidden")  # answered, not struck
 RESERVE_HEADROOM = 4  # no new send slots unless this many largest messages would still fit in memory
 STRIKE_WINDOW = 60.0  # seconds over which bad messages are counted against max_bad_frames
 LIVENESS = 3  # heartbeat intervals of silence after which a peer that promised heartbeats is dead
@@ -62,11 +64,12 @@ class Limits:
     heartbeat: float = 1.0  # seconds between the broker's heartbeats to each peer
 
 
-class Router(GroupRouting):
+class Router(GroupRouting, AccessControl):
     def __init__(self, limits: Limits = Limits(), pub_endpoint: str = "", wall_offset: float = 0.0,
-                 started: float = 0.0, instance: str = "") -> None:
+                 started: float = 0.0, instance: str = "", permissions: Permissions | None = None) -> None:
         """``wall_offset`` turns the monotonic ``now`` into wall-clock seconds for the ``at`` and
-        ``time`` fields, which let clients discount time a message spent in their socket."""
+        ``time`` fields, which let clients discount time a message spent in their socket.
+        ``permissions`` (with CURVE keys) checks each request (``access``)."""
         self.limits = limits
         self.pub_endpoint = pub_endpoint
         self.wall_offset = wall_offset
@@ -83,6 +86,7 @@ class Router(GroupRouting):
         # the delivery's own methods (one call less per message than methods that pass through).
         self.begin_batch, self.end_batch = self.delivery.begin_batch, self.delivery.end_batch
         self._init_groups()  # groups, joining, published
+        self._init_access(permissions)
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
         self._strikes_since: dict[bytes, float] = {}
@@ -110,8 +114,9 @@ class Router(GroupRouting):
 
     # -- entry points -----------------------------------------------------------------------
 
-    def handle(self, rid: bytes, frames: list[bytes], now: float) -> list[Out]:
-        """Process one message from peer ``rid``; return what to send."""
+    def handle(self, rid: bytes, frames: list[bytes], now: float, key: str | None = None) -> list[Out]:
+        """Process one message from peer ``rid``; return what to send. ``key``: the name of the
+        CURVE key its connection authenticated with (needed only until its HELLO is handled)."""
         if rid in self.banned:
             if now < self.banned[rid]:
                 return []
@@ -128,6 +133,12 @@ class Router(GroupRouting):
             return self._strike(rid, err, now)
         if peer is not None:
             peer.last_seen = now
+            if self.permissions is not None:
+                refused = self.guard(peer, cmd)
+                if refused is not None:
+                    return refused
+        else:
+            self._new_key = key
         if peer is None and type(cmd) is not wire.Hello:
             if type(cmd) is wire.Bye:
                 return []
@@ -277,10 +288,12 @@ class Router(GroupRouting):
         if taken is not None and taken != rid:
             raise ProtocolError("id-taken", f"client id {cmd.client!r} is in use by a live client")
         old = delivery.peers.get(rid)
+        key = old.key if old is not None else self._new_key
+        self.claim(cmd.client, key)
         out = self._forget(old) if old is not None and old.client != cmd.client else []
         resumed = rid in delivery.peers
         if not resumed:
-            delivery.peers[rid] = Peer(rid, cmd.client)
+            delivery.peers[rid] = Peer(rid, cmd.client, key=key)
         peer = delivery.peers[rid]
         peer.heartbeat, peer.last_seen = cmd.heartbeat, now
         if resumed and cmd.reset:
@@ -427,7 +440,7 @@ class Router(GroupRouting):
             bytes_held=delivery.bytes_held, max_memory=self.limits.max_memory,
             top_channels=[[n, len(boxes[n].queue), boxes[n].inflight, boxes[n].reserved] for n in deepest],
             groups=len(sizes), top_groups=[[g, sizes[g]] for g in largest],
-            counters=dict(self.stats),
+            counters=dict(self.stats), forbidden_by_key=dict(self.forbidden_by_key),
         ))]
 
     def _heartbeat(self, peer: Peer, cmd: wire.Heartbeat, now: float) -> list[Out]:

@@ -21,6 +21,9 @@ import zmq
 
 from .config import BrokerConfig
 from .invariants import InvariantError
+from .permissions import Permissions, PermissionsError
+from .protocol.names import CONTROL_TOPIC, TOPIC_END
+from .security import ZAP_DOMAIN, AuthorizedKeys, KeyAuthenticator, KeyFileError, RateLimitedLog, load_secret_key
 from .zio import NOBLOCK, readable, recv_frames, send_frames
 from .routing import Router
 
@@ -33,7 +36,8 @@ BUSY_GAP = 50e-6  # a message this soon after the last batch may have others beh
 
 
 class BindError(Exception):
-    """An endpoint could not be bound (in use, malformed, no such address)."""
+    """An endpoint could not be bound (in use, malformed, no such address), or a key or
+    permissions file it needs cannot be used."""
 
 
 _MAPPED_IPV4 = re.compile(r"\[::ffff:(\d{1,3}(?:\.\d{1,3}){3})\]")
@@ -61,7 +65,16 @@ class BrokerServer:
 
     def __init__(self, config: BrokerConfig = BrokerConfig(), context: zmq.Context | None = None):
         self.config = config
-        self.context = context or zmq.Context.instance()
+        # With CURVE, a context of its own: its ZAP handler is the context's, one per broker.
+        self._own_context = context is None and bool(config.secret_key)
+        self.context = zmq.Context() if self._own_context else (context or zmq.Context.instance())
+        self._auth: KeyAuthenticator | None = None
+        self._curve_secret: bytes | None = None
+        self.public_key = ""  # the broker's own public key (Z85), with CURVE on
+        self._key: str | None = None  # the key name of the connection whose message was just read
+        self._recv = recv_frames
+        self._reload_wanted = False
+        self._refused_subscriptions = RateLimitedLog()
         self.endpoint = ""
         self.pub_endpoint = ""
         self.router: Router | None = None
@@ -72,6 +85,7 @@ class BrokerServer:
         self.violation: InvariantError | None = None  # what the check mode found, if it stopped us
 
     def bind(self) -> "BrokerServer":
+        permissions = self._secure()
         self._commands = self._socket(zmq.ROUTER, self.config.bind)
         self._commands.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._commands.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -81,11 +95,60 @@ class BrokerServer:
         advertised = self.config.advertise or self.pub_endpoint
         self.router = Router(
             self.config.limits(), advertised, wall_offset=time.time() - time.monotonic(),
-            started=time.monotonic(), instance=secrets.token_hex(8),
+            started=time.monotonic(), instance=secrets.token_hex(8), permissions=permissions,
         )
         if not self.config.advertise and _wildcard_host(self.pub_endpoint):
             log.info("publisher bound to all interfaces: clients dial it on the host they used")
         return self
+
+    def _secure(self) -> Permissions | None:
+        """With ``secret_key``: load it, start the ZAP handler over ``authorized_keys``, and
+        return the permissions (if any). BindError says what cannot be used."""
+        config = self.config
+        if not config.secret_key:
+            return None
+        try:
+            public, self._curve_secret = load_secret_key(config.secret_key)
+            keys = AuthorizedKeys(config.authorized_keys)
+            count = keys.check()
+            permissions = Permissions.load(config.permissions) if config.permissions else None
+        except (KeyFileError, PermissionsError) as exc:
+            self.close()
+            raise BindError(str(exc)) from None
+        self.public_key = public.decode("ascii")
+        self._auth = KeyAuthenticator(self.context, keys)
+        self._auth.start()
+        self._recv = self._recv_keyed
+        log.info("CURVE on (broker key %s); %d authorized key(s) in %s%s", self.public_key, count,
+                 config.authorized_keys, f"; permissions from {config.permissions}" if permissions else "")
+        return permissions
+
+    def reload_permissions(self) -> None:
+        """Read the permissions file again at the next tick (SIGHUP; safe from a signal handler)."""
+        self._reload_wanted = True
+
+    def _reload(self) -> None:
+        self._reload_wanted = False
+        path = self.config.permissions
+        if not path:
+            log.warning("asked to reload the permissions, but the broker runs without a permissions file")
+            return
+        try:
+            self.router.permissions = Permissions.load(path)
+        except PermissionsError as exc:
+            log.error("the permissions were not reloaded, the previous rules stay in force: %s", exc)
+            return
+        log.info("permissions reloaded from %s", path)
+
+    def _recv_keyed(self, sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
+        """``recv_frames``, noting the key name of a sender the router does not know yet."""
+        frame = sock.recv(flags, copy=False)
+        frames = [frame.bytes]
+        self._key = frame.get("User-Id") if frames[0] not in self.router.delivery.peers else None
+        while frame.more:
+            frame = sock.recv(flags, copy=False)
+            frames.append(frame.bytes)
+        return frames
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self.context.socket(kind)
@@ -94,6 +157,12 @@ class BrokerServer:
         sock.setsockopt(zmq.RCVHWM, SNDHWM)
         sock.setsockopt(zmq.IPV6, 1)  # also accept tcp://[::1]:port; IPv4 works as before
         self._sockets.append(sock)
+        if self._curve_secret is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = self._curve_secret
+            sock.zap_domain = ZAP_DOMAIN.encode()
+        if kind == zmq.XPUB and self.config.permissions:
+            sock.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions apply once allowed (_subscriptions)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -135,7 +204,7 @@ class BrokerServer:
                     stats["busy_polled" if first is not None else "busy_poll_missed"] += 1
                 if first is None:
                     try:
-                        first = recv_frames(commands, 0)
+                        first = self._recv(commands, 0)
                     except zmq.Again:
                         pass
                 if first is not None:
@@ -144,6 +213,8 @@ class BrokerServer:
                         self._check("a batch of commands", scan=False)
                 now = time.monotonic()
                 if now >= next_tick:
+                    if self._reload_wanted:
+                        self._reload()
                     self._drain_subscriptions()
                     self._send(self.router.tick(now), now)
                     next_tick = now + TICK_SECONDS
@@ -168,15 +239,14 @@ class BrokerServer:
             self.violation = exc
             raise
 
-    @staticmethod
-    def _poll_busily(sock: zmq.Socket, until: float) -> list[bytes] | None:
+    def _poll_busily(self, sock: zmq.Socket, until: float) -> list[bytes] | None:
         """Look at ``sock`` without sleeping until ``until`` (monotonic); the message that comes
         first, or None. (``--busy-poll``: the wake-up from a blocking receive costs more than
         the loop, notably on virtual machines whose idle CPUs halt; the price is a busy CPU.)"""
         clock = time.monotonic
         while clock() < until:
             if readable(sock):
-                return recv_frames(sock)
+                return self._recv(sock)
         return None
 
     def stop(self) -> None:
@@ -187,29 +257,36 @@ class BrokerServer:
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets.clear()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_context and not self.context.closed:
+            self.context.term()
 
     def _read_commands(self, frames: list[bytes]) -> None:
         """Handle ``frames`` and deliver: alone after a pause, else with whatever else is
         waiting (up to BATCH) as one batch."""
         router, sock = self.router, self._commands
+        if self.config.permissions:
+            self._drain_subscriptions()  # (a GADD's marker goes out once its subscription applies)
         # A message after a pause (BUSY_GAP since the last batch ended) is handled alone and
         # delivered at once, without asking whether more wait: what follows it comes in the
         # next batch anyway. While busy, a burst of sends becomes one MSG per receiver.
         now = time.monotonic()
         if now - self._idle_since >= BUSY_GAP:
-            self._send(router.handle(frames[0], frames[1:], now), now)
+            self._send(router.handle(frames[0], frames[1:], now, self._key), now)
             self._idle_since = time.monotonic()
             return
         router.begin_batch()
         try:
             for count in range(1, BATCH + 1):
                 now = time.monotonic()
-                out = router.handle(frames[0], frames[1:], now)
+                out = router.handle(frames[0], frames[1:], now, self._key)
                 if out:  # (a POST's delivery waits for the end of the batch: usually nothing)
                     self._send(out, now)
                 if count == BATCH or not readable(sock):
                     break  # (not reading a message this batch would not handle)
-                frames = recv_frames(sock)
+                frames = self._recv(sock)
         finally:
             now = time.monotonic()
             self._send(router.end_batch(now), now)
@@ -222,12 +299,39 @@ class BrokerServer:
 
     def _drain_subscriptions(self) -> None:
         # Subscriptions need no action (clients confirm them with markers), but XPUB queues
-        # them until read.
+        # them until read. With permissions (XPUB_MANUAL) each applies only if its key may.
+        publisher, manual = self._publisher, bool(self.config.permissions)
         for _ in range(BATCH):
             try:
-                self._publisher.recv(NOBLOCK)
+                frame = publisher.recv(NOBLOCK, copy=not manual)
             except zmq.Again:
                 return
+            if manual:
+                self._subscription(frame)
+
+    def _subscription(self, frame: zmq.Frame) -> None:
+        """Apply a (un)subscription of the publisher's last reader if its key may read the
+        topic: the control topic, or exactly one group's topic with ``group_add`` on the group.
+        Anything else (a prefix of several topics, "" for everything) is refused and counted."""
+        data = frame.bytes
+        if not data or data[0] not in (0, 1):
+            return
+        topic = data[1:]
+        if data[0] == 0:
+            self._publisher.setsockopt(zmq.UNSUBSCRIBE, topic)
+            return
+        key = frame.get("User-Id")
+        group = topic[:-1].decode("ascii", "replace") if topic.endswith(TOPIC_END) else None
+        allowed = topic == CONTROL_TOPIC or (
+            group and TOPIC_END not in topic[:-1] and self.router.permissions.allows(key, "group_add", group)
+        )
+        if allowed:
+            self._publisher.setsockopt(zmq.SUBSCRIBE, topic)
+            return
+        self.router.count_forbidden(key)
+        self._refused_subscriptions.warning(
+            (key, topic), "refused a subscription of key %r to %r on the publisher: it may read only"
+            " the groups it may group_add", key, topic)
 
     def _send(self, outs, now: float) -> None:
         for dest, frames, push in outs:

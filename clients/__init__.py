@@ -2,12 +2,12 @@
 
 from .asyncio import AsyncClient
 from .errors import (
-    BrokerError, BrokerUnavailable, BusError, ChannelFull, InvalidName, LimitExceeded,
-    MessagesLost, MessageTooLarge, ReceiveTimeout,
+    AuthenticationFailed, BrokerError, BrokerUnavailable, BusError, ChannelFull, Forbidden,
+    InvalidName, KeyFileError, LimitExceeded, MessagesLost, MessageTooLarge, ReceiveTimeout,
 )
 from .sync import Client
 
 __all__ = [
-    "AsyncClient", "BrokerError", "BrokerUnavailable", "BusError", "ChannelFull", "Client",
-    "InvalidName", "LimitExceeded", "MessagesLost", "MessageTooLarge", "ReceiveTimeout",
+    "AsyncClient", "AuthenticationFailed", "BrokerError", "BrokerUnavailable", "BusError", "ChannelFull", "Client",
+    "Forbidden", "InvalidName", "KeyFileError", "LimitExceeded", "MessagesLost", "MessageTooLarge", "ReceiveTimeout",
 ]

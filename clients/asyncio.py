@@ -30,7 +30,8 @@ from broker.protocol import wire
 from broker.zio import readable, recv_frames, send_frames
 
 from .core import ClientCore
-from .errors import BrokerUnavailable, BusError, ReceiveTimeout
+from .errors import AuthenticationFailed, BrokerUnavailable, BusError, ReceiveTimeout
+from .keys import curve_options
 from .frontdoor import FrontDoor
 from .link import Deadlines, Expired, Link
 from .sync import DEFAULT_URL
@@ -44,13 +45,18 @@ log = logging.getLogger("channelbus.client")
 class AsyncClient(Link, FrontDoor):
     """An asyncio connection to a channelbus broker; same settings and API as ``Client``.
 
-    Use ``async with AsyncClient(url) as client:`` or ``await client.connect()``.
+    Use ``async with AsyncClient(url) as client:`` or ``await client.connect()``. With CURVE,
+    ``secret_key`` and ``server_key`` as for ``Client`` (``AuthenticationFailed`` from
+    ``connect()`` if the broker does not let it in).
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0, context: zmq.Context | None = None,
-                 **settings) -> None:
+                 secret_key: str | None = None, server_key: str | None = None, **settings) -> None:
         self.url = url
         self.timeout = timeout
+        self._curve = curve_options(secret_key, server_key)
+        self._auth_failure: AuthenticationFailed | None = None  # the last failed handshake's
+        self._auth_final = False  # ... and whether it says the client will not get in
         self._core = ClientCore(**settings)
         self._context = context or zmq.Context.instance()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,7 +163,7 @@ class AsyncClient(Link, FrontDoor):
                                      channel=channel, timeout=timeout) from None
             now = time.monotonic()
         while True:
-            message = core.pop(channel, now, defer_ack=True) if channel in core.queues else None
+            message = core.pop(channel, now, defer_ack=True) if channel in core.queues or core.forbidden else None
             if message is not None:
                 if self._ack_timer is None:
                     self._ack_timer = self._loop.call_later(ACK_DELAY, self._ack_due)

@@ -7,6 +7,10 @@
         "CONFIG": {"hosts": ["tcp://127.0.0.1:5555"]},
     }}
 
+With a broker that uses CURVE keys (docs/security.md), add ``"secret_key"`` (this project's
+``.key_secret`` file) and ``"server_key"`` (the broker's ``.key`` file or its Z85 text) to
+CONFIG; a key file that cannot be used fails when the layer is built.
+
 One ``AsyncClient`` per running event loop, as channels_redis keeps its connections: a ZeroMQ
 socket must not cross loops, and ``async_to_sync`` runs each call in a loop of its own. A
 loop's client is closed when that loop closes, so repeated ``async_to_sync(layer.group_send)``
@@ -38,6 +42,7 @@ from .asyncio import AsyncClient
 from .core import compile_capacities
 from .errors import ChannelFull as BusChannelFull
 from .errors import InvalidName
+from .keys import curve_options
 
 
 _LEADING_FLAGS = re.compile(r"\(\?[aiLmsux]+\)")  # a global flags group, which must come first
@@ -48,7 +53,8 @@ class BusChannelLayer(BaseChannelLayer):
     extensions = ["groups", "flush"]
 
     def __init__(self, hosts=None, prefix: str = "", expiry: float = 60, group_expiry: float = 86400,
-                 capacity: int = 100, channel_capacity=None, timeout: float = 10.0, **kwargs) -> None:
+                 capacity: int = 100, channel_capacity=None, timeout: float = 10.0,
+                 secret_key: str | None = None, server_key: str | None = None, **kwargs) -> None:
         super().__init__(expiry=expiry, capacity=capacity, channel_capacity=channel_capacity)
         hosts = hosts or ["tcp://127.0.0.1:5555"]
         if isinstance(hosts, str):
@@ -58,6 +64,8 @@ class BusChannelLayer(BaseChannelLayer):
         if kwargs:
             raise TypeError(f"unknown BusChannelLayer CONFIG keys: {', '.join(sorted(kwargs))}")
         self.hosts = list(hosts)
+        curve_options(secret_key, server_key)  # (a key that cannot be used fails here, not at first use)
+        self._keys = {"secret_key": secret_key, "server_key": server_key}
         self.prefix = prefix
         self.group_expiry = group_expiry
         self.timeout = timeout
@@ -111,7 +119,7 @@ class BusChannelLayer(BaseChannelLayer):
         client = AsyncClient(
             self.hosts[0], capacity=self.capacity, expiry=self.expiry,
             group_expiry=self.group_expiry, channel_capacity=self._wire_channel_capacity,
-            timeout=self.timeout,
+            timeout=self.timeout, **self._keys,
         )
         self._clients[loop] = client
         if loop not in self._watched:

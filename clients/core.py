@@ -119,11 +119,16 @@ class ClientCore(Inbound):
         self._wire_patterns = tuple((wire_source(p), c) for p, c in self.channel_capacity)
         self.receive_window = receive_window
         self.client_id = client_id or secrets.token_hex(6)
+        # The connection's ZeroMQ routing id: the client id and a secret part, so nobody who
+        # knows the id (it is in every process-specific channel name) can take the connection
+        # over (the broker's ROUTER hands a routing id to the newest connection that claims it).
+        self.routing_id = f"{self.client_id}.{secrets.token_hex(8)}".encode()
         self.limits: dict = {}
         self.pub_endpoint = ""
         self._next_id = 0
         self.queues: dict[str, deque] = {}
         self.credited: set[str] = set()
+        self.forbidden: dict[str, BusError] = {}  # channel -> the refusal of its CREDIT (receive())
         self.pending_acks: dict[str, int] = {}
         self.ignored: set[int] = set()  # ids of requests nobody waits on (GSYNC, replayed GADD)
         self.reserved: dict[str, int] = {}  # slots reserved for POSTs, per channel

@@ -10,6 +10,9 @@
     ├── ReceiveTimeout (TimeoutError)   receive(timeout=...) found nothing in time
     ├── BrokerUnavailable         the broker did not answer within the client's timeout
     ├── MessagesLost              messages whose send() had returned were lost (raised by a later call)
+    ├── AuthenticationFailed      the CURVE handshake failed: key not authorised, no key, wrong server key
+    ├── Forbidden                 the client's key is not granted this action on this name
+    ├── KeyFileError (ValueError) a key file (or Z85 key) given to the client cannot be used
     └── BrokerError               any other ERROR reply; `code` says which (docs/protocol.md)
 
 Each error carries its facts as fields (``channel``, ``capacity``, ``size``, ``limit``,
@@ -94,11 +97,36 @@ class MessagesLost(BusError):
     channels: list = []
 
 
+class AuthenticationFailed(BusError):
+    """The broker at ``endpoint`` did not let this client in: ``reason`` says what failed (its
+    key is not authorised, it has no key for a broker that wants one, or the server key it was
+    given is not the broker's). Raised within the client's timeout, from the handshake events."""
+
+    code = "auth"
+    endpoint: str = ""
+    reason: str = ""
+
+
+class Forbidden(BusError):
+    """The client's ``key`` may not do ``action`` (send, receive, group_send, group_add, flush,
+    stats) on ``name``: the broker's permissions file does not grant it. Nothing else happened."""
+
+    code = "forbidden"
+    key: str = ""
+    action: str = ""
+    name: str = ""
+
+
+class KeyFileError(BusError, ValueError):
+    """A key given to the client cannot be used (no such file, not a key, a public key where a
+    secret one is needed); the message says which."""
+
+
 class BrokerError(BusError):
     """The broker refused a request for a reason with no class of its own; see ``code``."""
 
 
-_BY_CODE = {cls.code: cls for cls in (ChannelFull, InvalidName, MessageTooLarge, LimitExceeded)}
+_BY_CODE = {cls.code: cls for cls in (ChannelFull, InvalidName, MessageTooLarge, LimitExceeded, Forbidden)}
 
 
 def from_reply(header: dict) -> BusError:

@@ -124,6 +124,8 @@ class Inbound:
         """Take the next live message of ``channel``, or None, and acknowledge what it takes or
         drops: at once, or (``defer_ack``) when the shell calls ``flush_acks``, which it must do
         before it sends anything else and before its event loop idles."""
+        if self.forbidden and channel in self.forbidden:
+            raise self.forbidden.pop(channel)
         queue = self.queues.get(channel)
         message = None
         while queue:
@@ -206,6 +208,11 @@ class Inbound:
                 if type(lost) is int and lost > 0:  # a POST or GPOST: sends that had returned
                     where = header.get("channel") or header.get("group") or "?"
                     self.note_lost(str(where), lost, f"the broker refused them: {result}")
+                elif result.code == "forbidden" and isinstance(header.get("channel"), str):
+                    channel = header["channel"]  # a CREDIT: receive() may not read this channel
+                    self.credited.discard(channel)
+                    self.forbidden[channel] = result
+                    return [("arrived", channel)]  # (wakes the receivers, which raise it)
                 else:
                     log.error("the broker refused a notice: %s", result)
         key = self.syncing.pop(rid, None)

@@ -26,6 +26,7 @@ from broker.protocol.names import CONTROL_TOPIC
 from broker.zio import send_frames
 
 from .errors import BrokerUnavailable, BusError
+from .keys import HANDSHAKE_FAILED, definitive, handshake_failure
 from .frontdoor import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, publisher_url
 
 HEARTBEAT = 1.0  # seconds between the asyncio client's heartbeats (when otherwise quiet)
@@ -134,7 +135,7 @@ class Link:
 
     async def _open(self) -> None:
         self._sub = self._context.socket(zmq.SUB)
-        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, 1)):
+        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, 1), *self._curve):
             self._sub.setsockopt(option, value)
         self._loop.add_reader(self._sub.getsockopt(zmq.FD), self._on_sub_ready)
         self._handshake = self._loop.create_future()
@@ -154,10 +155,11 @@ class Link:
         dealer = self._dealer = self._context.socket(zmq.DEALER)
         for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.SNDHWM, 0), (zmq.IPV6, 1),
                               (zmq.IMMEDIATE, 1), (zmq.RECONNECT_IVL, RECONNECT_MS),
-                              (zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)):
+                              (zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS), *self._curve):
             dealer.setsockopt(option, value)
-        dealer.setsockopt(zmq.ROUTING_ID, self._core.client_id.encode())
-        self._monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        dealer.setsockopt(zmq.ROUTING_ID, self._core.routing_id)
+        self._monitor = dealer.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         self._loop.add_reader(self._monitor.getsockopt(zmq.FD), self._on_link_event)
         self._loop.add_reader(dealer.getsockopt(zmq.FD), self._drain)
         dealer.connect(self.url)
@@ -231,16 +233,35 @@ class Link:
         monitor = self._monitor
         while not monitor.closed:
             try:
-                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+                message = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
+            event = message["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self._go_offline("the connection to the broker was lost")
+            elif event & HANDSHAKE_FAILED:
+                self._handshake_failed(handshake_failure(event, message["value"], self.url, bool(self._curve)),
+                                       definitive(event))
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._auth_failure, self._auth_final = None, False
                 if not self._handshake.done():
                     self._handshake.set_result(None)  # the first connection: _open says HELLO
                 elif not self._online:
                     self._loop.create_task(self._rejoin())
+
+    def _handshake_failed(self, error: BusError, final: bool) -> None:
+        """A handshake failed: the first connection fails at once; later, a failure that says
+        the client will not get back in fails the calls waiting for the link or for messages
+        (a call that comes later raises it at once), and any other is raised at their timeout
+        in place of BrokerUnavailable."""
+        if not self._handshake.done():
+            self._handshake.set_exception(error)
+            return
+        self._auth_failure, self._auth_final = error, final
+        if final and not self._online:
+            for waiter in [*self._link_waiters, *(f for ws in self._arrivals.values() for f in ws)]:
+                if not waiter.done():
+                    waiter.set_exception(error)
 
     async def _timed(self, future: asyncio.Future, deadline: float, unavailable: str):
         """Await ``future`` until ``deadline`` (monotonic); past it, raise BrokerUnavailable
@@ -255,6 +276,8 @@ class Link:
 
     async def _wait_for_link(self, deadline: float) -> None:
         """Until the client is whole: online, with the memberships it replayed live again."""
+        if self._auth_final and not self._online:
+            raise self._auth_failure
         waiter = self._loop.create_future()
         self._link_waiters.append(waiter)
         why = (f"reconnected to the broker at {self.url}, but its group memberships were not live"
@@ -262,6 +285,10 @@ class Link:
                f"the broker at {self.url} has been unreachable for {self.timeout:g} s")
         try:
             await self._timed(waiter, deadline, why)
+        except BrokerUnavailable:
+            if self._auth_failure is not None:
+                raise self._auth_failure from None
+            raise
         finally:
             if waiter in self._link_waiters:
                 self._link_waiters.remove(waiter)

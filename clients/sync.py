@@ -19,7 +19,8 @@ from broker.zio import readable, recv_frames, send_frames
 
 from .core import ClientCore
 from .frontdoor import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, FrontDoor, publisher_url
-from .errors import BrokerUnavailable, BusError, ReceiveTimeout
+from .errors import AuthenticationFailed, BrokerUnavailable, BusError, ReceiveTimeout
+from .keys import HANDSHAKE_FAILED, curve_options, definitive, handshake_failure
 from .turns import Turns
 
 DEFAULT_URL = "tcp://127.0.0.1:5555"
@@ -46,10 +47,15 @@ class Client(FrontDoor):
     """A blocking connection to a channelbus broker.
 
     ``Client(url, capacity=100, expiry=60, group_expiry=86400, channel_capacity=None,
-    timeout=10.0)``: the settings are sent with each request, as in channels_redis; ``timeout``
-    bounds every wait for the broker (``BrokerUnavailable`` past it). Connects at once; raises
-    ``BrokerUnavailable`` if the broker does not answer HELLO in time and ``LimitExceeded`` if a
-    setting is above the broker's ceiling.
+    timeout=10.0, secret_key=None, server_key=None)``: the settings are sent with each request,
+    as in channels_redis; ``timeout`` bounds every wait for the broker (``BrokerUnavailable``
+    past it). Connects at once; raises ``BrokerUnavailable`` if the broker does not answer HELLO
+    in time and ``LimitExceeded`` if a setting is above the broker's ceiling.
+
+    With CURVE (docs/security.md): ``secret_key`` is this client's ``.key_secret`` file and
+    ``server_key`` the broker's public ``.key`` file or its Z85 text. ``AuthenticationFailed``
+    says the broker did not let the client in (raised as soon as the handshake fails, and
+    within ``timeout`` in any case); ``Forbidden`` that its key may not do what it asked.
 
     The link is watched through the DEALER's monitor socket whenever the client does I/O: when
     the connection drops, requests wait for it (up to ``timeout``); when it comes back the client
@@ -63,9 +69,10 @@ class Client(FrontDoor):
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0, context: zmq.Context | None = None,
-                 **settings) -> None:
+                 secret_key: str | None = None, server_key: str | None = None, **settings) -> None:
         self.url = url
         self.timeout = timeout
+        curve = curve_options(secret_key, server_key)
         self._core = ClientCore(**settings)
         self._replies: dict[int, object] = {}
         ctx = context or zmq.Context.instance()
@@ -73,14 +80,18 @@ class Client(FrontDoor):
         # restarted broker before HELLO.
         self._dealer = ctx.socket(zmq.DEALER)
         self._sub = ctx.socket(zmq.SUB)
-        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, 1)):
+        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, 1), *curve):
             self._dealer.setsockopt(option, value)
             self._sub.setsockopt(option, value)
+        self._curve = bool(curve)
+        self._auth_failure: AuthenticationFailed | None = None  # the last failed handshake's
+        self._auth_final = False  # ... and whether it says the client will not get in
         for option, value in ((zmq.IMMEDIATE, 1), (zmq.RECONNECT_IVL, RECONNECT_MS),
                               (zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS),
-                              (zmq.ROUTING_ID, self._core.client_id.encode())):
+                              (zmq.ROUTING_ID, self._core.routing_id)):
             self._dealer.setsockopt(option, value)
-        self._monitor = self._dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._dealer.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         self._poller = zmq.Poller()
         for sock in (self._dealer, self._sub, self._monitor):
             self._poller.register(sock, zmq.POLLIN)
@@ -195,6 +206,8 @@ class Client(FrontDoor):
                 raise ReceiveTimeout(f"no message on {channel!r} within {timeout:g} s",
                                      channel=channel, timeout=timeout)
             self._io(remaining)
+            if self._auth_final and not self._online:
+                raise self._auth_failure  # (the broker will not let this client back in)
 
     def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name owned by this client."""
@@ -331,6 +344,8 @@ class Client(FrontDoor):
         are live again, or ``deadline`` passes (BrokerUnavailable)."""
         while not self._whole():
             remaining = deadline - time.monotonic()
+            if self._auth_failure is not None and (self._auth_final or remaining <= 0):
+                raise self._auth_failure
             if remaining <= 0:
                 if self._online:
                     raise BrokerUnavailable(
@@ -365,13 +380,20 @@ class Client(FrontDoor):
     def _on_link_event(self) -> None:
         while True:
             try:
-                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"]
+                message = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
+            event = message["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self._go_offline()
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self._online:
-                self._say_hello()
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._auth_failure, self._auth_final = None, False
+                if not self._online:
+                    self._say_hello()
+            elif event & HANDSHAKE_FAILED:
+                self._auth_failure = handshake_failure(event, message["value"], self.url, self._curve)
+                # Before the first connection any failure is final; later, one cut short may not be.
+                self._auth_final = definitive(event) or not self._core.limits
 
     def _say_hello(self) -> None:
         """On a new connection: the ACK of what was taken (if the broker still knows us, it

@@ -15,8 +15,8 @@ import sys
 import click
 
 from broker.config import (
-    DEFAULT_BIND, DEFAULT_PUB_BIND, LOG_LEVELS, MAX_BUSY_POLL, BrokerConfig, ConfigError, load_toml,
-    parse_size,
+    DEFAULT_BIND, DEFAULT_PUB_BIND, LOG_LEVELS, MAX_BUSY_POLL, BrokerConfig, ConfigError, is_local,
+    load_toml, parse_size,
 )
 
 
@@ -181,11 +181,35 @@ def main() -> None:
                    " flushed or dropped for a named reason; counts that agree with what is"
                    " held). A broken rule is logged and stops the broker (exit status 70)."
                    " Costs a scan of everything held each time: for tests and debugging.")
+@click.option("--secret-key", type=click.Path(dir_okay=False), default=None,
+              envvar="CHANNELBUS_BROKER_SECRET_KEY", show_envvar=True,
+              help="The broker's own .key_secret file (channelbus keygen broker): turns CURVE"
+                   " encryption and authentication on for both sockets. Needs --authorized-keys.")
+@click.option("--authorized-keys", type=click.Path(file_okay=False), default=None,
+              envvar="CHANNELBUS_AUTHORIZED_KEYS", show_envvar=True,
+              help="Directory of the public .key files of the clients allowed in; a key's name is"
+                   " its file's stem. Files added or removed apply to new connections at once.")
+@click.option("--permissions", type=click.Path(dir_okay=False), default=None,
+              envvar="CHANNELBUS_PERMISSIONS", show_envvar=True,
+              help="TOML file of what each key may do (send, receive, group_send, group_add glob"
+                   " lists; flush, stats booleans; a [default] table); what it does not grant is"
+                   " refused. Reloaded on SIGHUP (a broken file keeps the previous rules)."
+                   " Needs --secret-key.")
+@click.option("--insecure", is_flag=True, default=False, envvar="CHANNELBUS_INSECURE", show_envvar=True,
+              help="Allow binding beyond loopback without --secret-key (protected mode off):"
+                   " only behind a firewall or on a private network you trust.")
+@click.option("--metrics", default=None, metavar="HOST:PORT", envvar="CHANNELBUS_METRICS", show_envvar=True,
+              help="Serve Prometheus metrics over HTTP on HOST:PORT (needs the channelbus[metrics]"
+                   " extra); e.g. 127.0.0.1:9464.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True, envvar="CHANNELBUS_LOG_LEVEL", show_envvar=True,
               help="Logging threshold.")
 def broker(**options) -> None:
-    """Run a broker until SIGINT or SIGTERM (then exit 0)."""
+    """Run a broker until SIGINT or SIGTERM (then exit 0).
+
+    Protected mode: without --secret-key the broker binds only to loopback (or ipc) unless
+    --insecure is given. SIGHUP reloads the --permissions file.
+    """
     run_broker(build_config(options))
 
 
@@ -207,14 +231,15 @@ def run_broker(config: BrokerConfig) -> None:
     # Installed before binding, so a signal that comes early still ends the process cleanly.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
+    signal.signal(signal.SIGHUP, lambda *_: server.reload_permissions())
     try:
         server.bind()
     except BindError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
-    if not _is_loopback(server.endpoint):
+    if not config.secret_key and not (is_local(server.endpoint) and is_local(server.pub_endpoint)):
         logging.getLogger("channelbus.broker").warning(
-            "bound to %s without authentication: anyone who can reach it can use this broker",
+            "bound to %s without keys (--insecure): anyone who can reach it can use this broker",
             server.endpoint,
         )
     click.echo(f"channelbus broker listening on {server.endpoint}, publishing on {server.pub_endpoint}")
@@ -225,16 +250,9 @@ def run_broker(config: BrokerConfig) -> None:
         sys.exit(EXIT_BROKEN_RULE)  # (serve logged what broke)
 
 
-def _is_loopback(endpoint: str) -> bool:
-    if not endpoint.startswith("tcp://"):
-        return True
-    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
-    return host.startswith("127.") or host in ("localhost", "::1")
-
-
-# The client-side commands (run, send, group-send, listen, stats) live in consumers.commands;
-# importing it registers them on ``main``.
-from . import commands  # noqa: E402,F401
+# The client-side commands (run, send, group-send, listen, stats) live in consumers.commands,
+# keygen in consumers.keygen; importing them registers them on ``main``.
+from . import commands, keygen  # noqa: E402,F401
 
 
 if __name__ == "__main__":

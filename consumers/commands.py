@@ -101,6 +101,19 @@ _AT_LEAST_ONE = click.IntRange(min=1)
 _broker_option = click.option(
     "--broker", "url", type=BROKER_URL, default=DEFAULT_BROKER_URL, show_default=True,
     envvar="CHANNELBUS_BROKER", show_envvar=True, help="URL of the broker (its command endpoint).")
+
+
+def _key_options(command):
+    """--secret-key and --server-key: CURVE keys for a broker that uses them."""
+    command = click.option(
+        "--server-key", default=None, metavar="FILE|Z85", envvar="CHANNELBUS_SERVER_KEY", show_envvar=True,
+        help="The broker's public key: its .key file, or the 40-character key itself.")(command)
+    return click.option(
+        "--secret-key", type=click.Path(dir_okay=False), default=None, envvar="CHANNELBUS_SECRET_KEY",
+        show_envvar=True, help="This client's .key_secret file, for a broker with CURVE keys"
+                               " (channelbus keygen NAME writes one).")(command)
+
+
 _timeout_option = click.option(
     "--timeout", type=_POSITIVE_SECONDS, default=10.0, show_default=True, envvar="CHANNELBUS_TIMEOUT", show_envvar=True,
     help="Seconds to wait for each answer from the broker before giving up.")
@@ -135,6 +148,7 @@ def _bus(url: str, **settings):
               envvar="CHANNELBUS_GROUP_EXPIRY", show_envvar=True,
               help="Seconds a group membership lasts before the broker drops it.")
 @_timeout_option
+@_key_options
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True, envvar="CHANNELBUS_LOG_LEVEL", show_envvar=True, help="Logging threshold.")
 def run(consumer, url, instances, log_level, **settings) -> None:
@@ -159,6 +173,7 @@ def run(consumer, url, instances, log_level, **settings) -> None:
 @_capacity_option
 @_expiry_option
 @_timeout_option
+@_key_options
 def send(channel, message, url, **settings) -> None:
     """Send one message (JSON with a "type") to CHANNEL.
 
@@ -177,6 +192,7 @@ def send(channel, message, url, **settings) -> None:
 @_capacity_option
 @_expiry_option
 @_timeout_option
+@_key_options
 def group_send(group, message, url, **settings) -> None:
     """Send one message (JSON with a "type") to every member of GROUP.
 
@@ -194,7 +210,8 @@ def group_send(group, message, url, **settings) -> None:
               help="Stop after this many messages (default: until interrupted).")
 @_broker_option
 @_timeout_option
-def listen(channel, group, count, url, timeout) -> None:
+@_key_options
+def listen(channel, group, count, url, timeout, **keys) -> None:
     """Print each message of CHANNEL, or of --group GROUP, as one JSON line.
 
     Bytes are shown as {"$bytes": "<base64>"}. Runs until interrupted (SIGINT or SIGTERM,
@@ -211,7 +228,7 @@ def listen(channel, group, count, url, timeout) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # leave the group on SIGTERM too
     # receive_window=1: listening to a work channel should take messages one at a time, not
     # hold a window of them away from the workers (they go back when the listener leaves).
-    settings = {"timeout": timeout} if group else {"timeout": timeout, "receive_window": 1}
+    settings = {"timeout": timeout, **keys} if group else {"timeout": timeout, "receive_window": 1, **keys}
 
     def ready(listening_on: str) -> None:
         what = f"group {group} (as {listening_on})" if group else f"channel {channel}"
@@ -229,12 +246,13 @@ def listen(channel, group, count, url, timeout) -> None:
 @main.command()
 @_broker_option
 @_timeout_option
+@_key_options
 @click.option("--top", type=_AT_LEAST_ONE, default=10, show_default=True, envvar="CHANNELBUS_STATS_TOP",
               show_envvar=True, help="How many of the deepest channels and largest groups to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print the broker's figures as one JSON object per sample.")
 @click.option("--watch", type=_POSITIVE_SECONDS, default=None, metavar="SECONDS",
               help="Print again every SECONDS (with rates per second) until interrupted.")
-def stats(url, timeout, top, as_json, watch) -> None:
+def stats(url, timeout, top, as_json, watch, **keys) -> None:
     """Show the broker's figures: clients, channels by depth, groups, message rates,
     refusals, where every accepted message is now (queued, in flight, acknowledged, expired,
     flushed or dropped: the "accounted" line, which must add up), memory held and uptime."""
@@ -242,7 +260,7 @@ def stats(url, timeout, top, as_json, watch) -> None:
 
     previous = None
     try:
-        with _bus(url, timeout=timeout) as bus:
+        with _bus(url, timeout=timeout, **keys) as bus:
             while True:
                 sample = bus.stats(top)
                 click.echo(format_stats(sample, previous, as_json=as_json))

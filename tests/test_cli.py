@@ -39,12 +39,17 @@ OPTIONS = {  # long option -> (BrokerConfig field, environment variable)
     "--heartbeat": ("heartbeat", "CHANNELBUS_HEARTBEAT"),
     "--busy-poll": ("busy_poll", "CHANNELBUS_BUSY_POLL"),
     "--check": ("check", "CHANNELBUS_CHECK"),
+    "--secret-key": ("secret_key", "CHANNELBUS_BROKER_SECRET_KEY"),
+    "--authorized-keys": ("authorized_keys", "CHANNELBUS_AUTHORIZED_KEYS"),
+    "--permissions": ("permissions", "CHANNELBUS_PERMISSIONS"),
+    "--insecure": ("insecure", "CHANNELBUS_INSECURE"),
+    "--metrics": ("metrics", "CHANNELBUS_METRICS"),
     "--log-level": ("log_level", "CHANNELBUS_LOG_LEVEL"),
 }
 
 # One non-default value per setting: (long option, text as typed, value in BrokerConfig).
 VALUES = [
-    ("--bind", "tcp://0.0.0.0:6000", "tcp://0.0.0.0:6000"),
+    ("--bind", "tcp://127.0.0.2:6000", "tcp://127.0.0.2:6000"),
     ("--pub-bind", "ipc:///tmp/channelbus-pub", "ipc:///tmp/channelbus-pub"),
     ("--advertise", "tcp://bus.example.com:6001", "tcp://bus.example.com:6001"),
     ("--max-capacity", "500", 500),
@@ -55,6 +60,7 @@ VALUES = [
     ("--max-memory", "64MiB", 64 * MiB),
     ("--heartbeat", "0.5", 0.5),
     ("--busy-poll", "250", 250),
+    ("--metrics", "127.0.0.1:9464", "127.0.0.1:9464"),
     ("--log-level", "debug", "DEBUG"),
 ]
 
@@ -221,7 +227,7 @@ def test_a_check_mode_that_is_not_a_boolean_is_refused(invoke, toml_file):
 
 
 def test_bind_accepts_any_port_and_any_host(resolve):
-    config = resolve("--bind", "tcp://*:*", "--pub-bind", "tcp://lo:6001")
+    config = resolve("--bind", "tcp://*:*", "--pub-bind", "tcp://lo:6001", "--insecure")
     assert (config.bind, config.pub_bind) == ("tcp://*:*", "tcp://lo:6001")
 
 
@@ -238,12 +244,14 @@ max-message-size = "2MiB"
 max-bad-frames = 7
 busy-poll = 300
 check = true
+insecure = true
+metrics = "[::1]:9464"
 log-level = "debug"
 """
 FULL_CONFIG = BrokerConfig(
     bind="tcp://0.0.0.0:6000", pub_bind="tcp://0.0.0.0:6001", advertise="tcp://bus.example.com:6001",
     max_capacity=500, max_expiry=30.0, max_group_expiry=3600.5, max_message_size=2 * MiB,
-    max_bad_frames=7, busy_poll=300, check=True, log_level="DEBUG",
+    max_bad_frames=7, busy_poll=300, check=True, insecure=True, metrics="[::1]:9464", log_level="DEBUG",
 )
 
 

@@ -26,6 +26,7 @@ ERROR_CODES = {
     "no-hello": "the first request of a connection must be HELLO",
     "id-taken": "another live client already uses this client id",
     "banned": "the peer sent too many bad frames and is ignored for a while",
+    "forbidden": "the client's key is not granted this action on this name (the permissions file)",
 }
 
 
