@@ -200,7 +200,7 @@ class BrokerServer:
                     wait_ms = timeout
                 first = None
                 if spin and now - self._idle_since < spin:  # (commands came just now: more may)
-                    first = self._poll_busily(commands, self._idle_since + spin)
+                    first = self._poll_busily(commands, self._idle_since + spin, self._recv)
                     stats["busy_polled" if first is not None else "busy_poll_missed"] += 1
                 if first is None:
                     try:
@@ -239,14 +239,15 @@ class BrokerServer:
             self.violation = exc
             raise
 
-    def _poll_busily(self, sock: zmq.Socket, until: float) -> list[bytes] | None:
+    @staticmethod
+    def _poll_busily(sock: zmq.Socket, until: float, recv=recv_frames) -> list[bytes] | None:
         """Look at ``sock`` without sleeping until ``until`` (monotonic); the message that comes
         first, or None. (``--busy-poll``: the wake-up from a blocking receive costs more than
         the loop, notably on virtual machines whose idle CPUs halt; the price is a busy CPU.)"""
         clock = time.monotonic
         while clock() < until:
             if readable(sock):
-                return self._recv(sock)
+                return recv(sock)
         return None
 
     def stop(self) -> None:
