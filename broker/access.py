@@ -86,12 +86,14 @@ class AccessControl:
         fields: dict = {"key": key, "action": action}
         if name is not None:
             fields["name"] = name
+        request_id = getattr(cmd, "id", None)
         if type(cmd) is wire.Credit:
             fields["channel"] = name
         elif type(cmd) is wire.GroupPost:
             fields.update(group=name, lost=1)
+            request_id = None  # (a notice: its id is a stand-in)
         err = ProtocolError("forbidden", f"key {key!r} may not {what} (permissions {self.permissions.path})", **fields)
-        return [Out(peer.rid, wire.error(getattr(cmd, "id", None), err))]
+        return [Out(peer.rid, wire.error(request_id, err))]
 
     def count_forbidden(self, key: str) -> None:
         self.stats["forbidden"] += 1

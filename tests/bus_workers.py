@@ -239,9 +239,18 @@ def send_once(url: str, channel: str, message: dict, **settings) -> None:
         bus.send(channel, message)
 
 
-def receive_one(url: str, channel: str, timeout: float) -> dict:
-    with Client(url) as bus:
+def receive_one(url: str, channel: str, timeout: float, **settings) -> dict:
+    with Client(url, **settings) as bus:
         return bus.receive(channel, timeout=timeout)
+
+
+def group_member(url: str, group: str, ready, timeout: float, **settings) -> dict:
+    """Join ``group`` with a channel of this process's own, say ready, return one group message."""
+    with Client(url, **settings) as bus:
+        me = bus.new_channel()
+        bus.group_add(group, me)
+        ready.set()
+        return bus.receive(me, timeout=timeout)
 
 
 def idle_holder(url: str, channel: str, capacity: int, sent, go) -> str:
