@@ -88,8 +88,9 @@ class BrokerConfig:
             raise ConfigError(f"check must be true or false, got {self.check!r}")
         self._check_security()
         match = _METRICS_RE.match(str(self.metrics)) if self.metrics is not None else None
-        if self.metrics is not None and not (match and 0 < int(match.group(2)) < 65536):
-            raise ConfigError(f"metrics must be HOST:PORT such as 127.0.0.1:9464, got {self.metrics!r}")
+        if self.metrics is not None and not (match and 0 <= int(match.group(2)) < 65536):
+            raise ConfigError(f"metrics must be HOST:PORT such as 127.0.0.1:9464 (port 0: any free one),"
+                              f" got {self.metrics!r}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 

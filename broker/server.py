@@ -21,6 +21,7 @@ import zmq
 
 from .config import BrokerConfig
 from .invariants import InvariantError
+from .metrics import Metrics, MetricsUnavailable, snapshot
 from .permissions import Permissions, PermissionsError
 from .protocol.names import CONTROL_TOPIC, TOPIC_END
 from .security import ZAP_DOMAIN, AuthorizedKeys, KeyAuthenticator, KeyFileError, RateLimitedLog, load_secret_key
@@ -75,6 +76,7 @@ class BrokerServer:
         self._recv = recv_frames
         self._reload_wanted = False
         self._refused_subscriptions = RateLimitedLog()
+        self.metrics: Metrics | None = None  # the Prometheus endpoint (--metrics)
         self.endpoint = ""
         self.pub_endpoint = ""
         self.router: Router | None = None
@@ -99,6 +101,14 @@ class BrokerServer:
         )
         if not self.config.advertise and _wildcard_host(self.pub_endpoint):
             log.info("publisher bound to all interfaces: clients dial it on the host they used")
+        if self.config.metrics:
+            try:
+                self.metrics = Metrics(self.config.metrics)
+            except MetricsUnavailable as exc:
+                self.close()
+                raise BindError(str(exc)) from None
+            host = self.config.metrics.rpartition(":")[0]
+            log.info("serving Prometheus metrics on http://%s:%d/metrics", host, self.metrics.port)
         return self
 
     def _secure(self) -> Permissions | None:
@@ -182,7 +192,7 @@ class BrokerServer:
         check = self.config.check
         if check:
             log.info("checking the routing state's rules after every batch and tick (--check)")
-        commands = self._commands
+        commands, metrics = self._commands, self.metrics
         next_tick = time.monotonic() + TICK_SECONDS
         next_beat = time.monotonic() + self.config.heartbeat
         wait_ms = None
@@ -208,7 +218,12 @@ class BrokerServer:
                     except zmq.Again:
                         pass
                 if first is not None:
-                    self._read_commands(first)
+                    if metrics is None:
+                        self._read_commands(first)
+                    else:
+                        started = time.perf_counter()
+                        self._read_commands(first)
+                        metrics.batch_seconds.observe(time.perf_counter() - started)
                     if check:
                         self._check("a batch of commands", scan=False)
                 now = time.monotonic()
@@ -217,6 +232,8 @@ class BrokerServer:
                         self._reload()
                     self._drain_subscriptions()
                     self._send(self.router.tick(now), now)
+                    if metrics is not None and metrics.due:
+                        metrics.publish(snapshot(self.router, now))
                     next_tick = now + TICK_SECONDS
                     if check:
                         self._check("a tick", scan=True)
@@ -261,6 +278,9 @@ class BrokerServer:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self._own_context and not self.context.closed:
             self.context.term()
 
