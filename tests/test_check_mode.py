@@ -70,10 +70,10 @@ BROKEN_BROKER = textwrap.dedent("""
 
     handle = Router.handle
 
-    def miscounting_handle(self, rid, frames, now):
+    def miscounting_handle(self, rid, frames, now, key=None):
         if frames[0] == b"\\x01PING":
             self.stats["acknowledged"] += 1  # (a message counted twice)
-        return handle(self, rid, frames, now)
+        return handle(self, rid, frames, now, key)
 
     Router.handle = miscounting_handle
     main(["broker", "--bind", "tcp://127.0.0.1:*", "--pub-bind", "tcp://127.0.0.1:*", "--check"])
