@@ -150,8 +150,9 @@ def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = 
         f"messages: received {counters['received']}, delivered {counters['delivered']}"
         + (f" ({per_second['in_per_s']:.1f}/s in, {per_second['out_per_s']:.1f}/s out)" if per_second else ""),
         f"refused: full {counters['full']}, too large {counters['too_large']},"
-        f" memory {counters['memory_refused']}, bad frames {counters['bad_frames']};"
-        f" expired {counters['expired']}",
+        f" memory {counters['memory_refused']}, bad frames {counters['bad_frames']}"
+        + (f", forbidden {counters['forbidden']}" if counters.get("forbidden") else "")
+        + f"; expired {counters['expired']}",
         f"channels: {sample['channels']} (queued {sample['queued']}, in flight {sample['inflight']},"
         f" reserved {sample['reserved']}; slots revoked for senders that needed the room"
         f" {counters.get('revoked', 0)})",
@@ -168,6 +169,9 @@ def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = 
         lines.append(f"  {'MEMBERS':>8}  GROUP")
         for name, members in sample["top_groups"]:
             lines.append(f"  {members:>8}  {name}")
+    by_key = sample.get("forbidden_by_key") or {}
+    if by_key:  # (a broker with a permissions file refused something)
+        lines.append("forbidden by key: " + ", ".join(f"{key} {n}" for key, n in sorted(by_key.items())))
     caught, missed = counters.get("busy_polled", 0), counters.get("busy_poll_missed", 0)
     if caught or missed:  # (only a broker run with --busy-poll counts these)
         lines.append(f"busy poll: {caught} command(s) caught without a wake-up, {missed} poll(s)"

@@ -31,6 +31,7 @@ from clients import (
     AsyncClient, AuthenticationFailed, BrokerUnavailable, Client, Forbidden, KeyFileError, MessagesLost,
 )
 from conftest import ROOT
+from consumers.debug import format_stats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -377,7 +378,11 @@ def test_each_permission_is_refused_and_granted_as_written(guarded):
                 web.ping()
                 web.send("chat.lobby", {"type": "after"})
         forbidden(lambda: web.flush(), "web", "flush", None)
-        assert web.stats()["forbidden_by_key"]["web"] >= 7
+        figures = web.stats()
+        assert figures["forbidden_by_key"]["web"] >= 7 and figures["counters"]["forbidden"] >= 7
+        shown = format_stats(figures)
+        assert f"forbidden {figures['counters']['forbidden']};" in shown
+        assert f"forbidden by key: web {figures['forbidden_by_key']['web']}" in shown
     with Client(broker.url, timeout=5, **keys.client("worker")) as worker:  # [default]
         worker.send("public", {"type": "ok"})
         assert worker.receive("public", timeout=5) == {"type": "ok"}

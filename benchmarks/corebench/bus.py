@@ -1,4 +1,5 @@
-"""The bus set-up's processes: an ``AsyncClient`` sender and receiver (the broker is the CLI)."""
+"""The bus set-up's processes: an ``AsyncClient`` sender and receiver (the broker is the CLI);
+with ``--secret-key`` and ``--server-key`` the clients use CURVE (their broker has keys)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from .common import (
 async def _bus_client(args):
     from clients import AsyncClient, ReceiveTimeout
 
-    client = AsyncClient(args.endpoint, capacity=args.capacity, expiry=60, timeout=10)
+    client = AsyncClient(args.endpoint, capacity=args.capacity, expiry=60, timeout=10,
+                         secret_key=args.secret_key, server_key=args.server_key)
     await client.connect()
     return client, ReceiveTimeout
 

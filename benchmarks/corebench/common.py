@@ -30,6 +30,32 @@ def payload_template() -> tuple[bytearray, int]:
     return bytearray(body), offset
 
 
+def curve_client(args) -> list[tuple[int, bytes]]:
+    """The CURVE socket options of a raw pyzmq client (none without ``--secret-key``): its own
+    key pair from ``args.secret_key`` and the server's public key from ``args.server_key``."""
+    if not getattr(args, "secret_key", None):
+        return []
+    import zmq
+    import zmq.auth
+
+    public, secret = zmq.auth.load_certificate(args.secret_key)
+    server, _ = zmq.auth.load_certificate(args.server_key)
+    return [(zmq.CURVE_SERVERKEY, server), (zmq.CURVE_PUBLICKEY, public), (zmq.CURVE_SECRETKEY, secret)]
+
+
+def curve_server(args) -> list[tuple[int, object]]:
+    """The CURVE socket options of the raw forwarder (none without ``--secret-key``). No ZAP
+    handler runs, so libzmq lets any client key in: the handshake, once per connection, is the
+    only place the broker's key check would differ, and it is not timed."""
+    if not getattr(args, "secret_key", None):
+        return []
+    import zmq
+    import zmq.auth
+
+    _, secret = zmq.auth.load_certificate(args.secret_key)
+    return [(zmq.CURVE_SERVER, 1), (zmq.CURVE_SECRETKEY, secret)]
+
+
 def emit(**fields) -> None:
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()

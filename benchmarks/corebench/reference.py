@@ -1,5 +1,7 @@
 """The raw pyzmq set-ups: the reference forwarder and its blocking DEALER clients, and the
-asyncio floor: the same forwarder with bare asyncio DEALER clients."""
+asyncio floor: the same forwarder with bare asyncio DEALER clients. Given ``--secret-key`` (and,
+for the clients, ``--server-key``), the forwarder and its blocking clients use CURVE: the
+reference's cost of encryption, libzmq's alone."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import time
 from broker.zio import readable, recv_frames, send_frames
 
 from .common import (
-    Arrivals, HOST, RECV_POLL_MS, REF_RECEIVER, REF_SENDER, RoundTrips, emit, payload_template, wait_word,
+    Arrivals, HOST, RECV_POLL_MS, REF_RECEIVER, REF_SENDER, RoundTrips, curve_client, curve_server, emit,
+    payload_template, wait_word,
 )
 
 
@@ -25,6 +28,8 @@ def role_forwarder(args) -> None:
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.setsockopt(zmq.RCVTIMEO, RECV_POLL_MS)
     router.setsockopt(zmq.SNDTIMEO, 5000)
+    for option, value in curve_server(args):
+        router.setsockopt(option, value)
     router.bind(f"tcp://{HOST}:*")
     emit(endpoint=router.getsockopt_string(zmq.LAST_ENDPOINT))
     deadline = time.monotonic() + args.timeout
@@ -47,11 +52,13 @@ def role_forwarder(args) -> None:
     ctx.term()
 
 
-def _ref_dealer(endpoint: str, identity: bytes):
+def _ref_dealer(endpoint: str, identity: bytes, curve=()):
     import zmq
 
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
+    for option, value in curve:  # (CURVE options: before connect)
+        dealer.setsockopt(option, value)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.ROUTING_ID, identity)
     dealer.setsockopt(zmq.RCVTIMEO, RECV_POLL_MS)
@@ -71,7 +78,7 @@ def _ref_dealer(endpoint: str, identity: bytes):
 def role_ref_receiver(args) -> None:
     import zmq
 
-    ctx, dealer = _ref_dealer(args.endpoint, REF_RECEIVER)
+    ctx, dealer = _ref_dealer(args.endpoint, REF_RECEIVER, curve_client(args))
     _, offset = payload_template()
     emit(ready=True)
     deadline = time.monotonic() + args.timeout
@@ -101,7 +108,7 @@ def role_ref_receiver(args) -> None:
 def role_ref_sender(args) -> None:
     import zmq
 
-    ctx, dealer = _ref_dealer(args.endpoint, REF_SENDER)
+    ctx, dealer = _ref_dealer(args.endpoint, REF_SENDER, curve_client(args))
     buf, offset = payload_template()
     emit(ready=True)
     wait_word("go")
