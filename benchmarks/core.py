@@ -3,10 +3,10 @@
 Usage::
 
     .venv/bin/python benchmarks/core.py [--messages N] [--rtt N] [--window W] [--timeout S]
-                                        [--repeat N] [--no-floor] [--busy-poll US,...] [--json]
-                                        [--profile DIR]
+                                        [--repeat N] [--no-floor] [--no-curve] [--busy-poll US,...]
+                                        [--json] [--profile DIR]
 
-One invocation runs four set-ups (by default) with the same 64-byte payload (a msgpack map
+One invocation runs six set-ups (by default) with the same 64-byte payload (a msgpack map
 ``{"type": "bench", "seq": <8 bytes>, "pad": <bytes>}`` that serialises to exactly 64 bytes):
 
 (a) reference: a plain-Python forwarder process (ROUTER, ``ROUTER_MANDATORY``) that passes each
@@ -27,6 +27,13 @@ One invocation runs four set-ups (by default) with the same 64-byte payload (a m
     given to ``--busy-poll`` (default 200 µs; ``none`` for no such set-up): the broker polls for
     the next command that long before it sleeps, which spares wake-ups for a busy CPU
     (docs/configuration.md, "Busy polling").
+(e) CURVE: (a) and (c) again with CurveZMQ on, each shown beside its plain row. The forwarder
+    gets a secret key and its DEALERs key pairs and its public key (no ZAP handler: libzmq lets
+    any key in); the broker runs with ``--secret-key`` and ``--authorized-keys`` (its ZAP handler
+    checks each client's key once, at the handshake) and each ``AsyncClient`` with
+    ``secret_key`` and ``server_key``. The reference pair shows what encryption costs libzmq on
+    this hop, the bus pair what it costs the bus; the keys are made for the run in a temporary
+    directory, removed at the end. Skip both with ``--no-curve``.
 
 The table also shows the CPU time (user + system, all threads, from /proc) each process spent per
 message during the throughput phase and per round trip during the latency phase: on a busy host
@@ -61,6 +68,9 @@ ROOT = os.path.dirname(BENCHMARKS)
 for _path in (ROOT, BENCHMARKS):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 from corebench import bus, reference  # noqa: E402
 from corebench.common import HOST, PAYLOAD_SIZE  # noqa: E402
@@ -148,12 +158,44 @@ class Child:
                 pass
 
 
-def _role_argv(role: str, endpoint: str, opts) -> list[str]:
+def _role_argv(role: str, endpoint: str, opts, keys: tuple[str, str] | None = None) -> list[str]:
+    """A client child's arguments; ``keys``: (its secret key file, the server's public key file)."""
     return [
         HERE, "--role", role, "--endpoint", endpoint, "--messages", str(opts.messages),
         "--rtt", str(opts.rtt), "--warmup", str(opts.warmup), "--window", str(opts.window),
         "--capacity", str(opts.capacity), "--timeout", str(opts.timeout),
+        *(() if keys is None else ("--secret-key", keys[0], "--server-key", keys[1])),
     ]
+
+
+class CurveKeys:
+    """Key pairs for the CURVE set-ups, made in a temporary directory (mode 0700) that
+    ``remove()`` deletes: the server's (broker or forwarder), one per client role, and a
+    directory holding only the clients' public keys (the broker's ``--authorized-keys``)."""
+
+    CLIENTS = ("sender", "receiver")
+
+    def __init__(self) -> None:
+        import zmq.auth
+
+        self.directory = tempfile.mkdtemp(prefix="channelbus-core-keys-")
+        try:
+            self.authorized = os.path.join(self.directory, "authorized")
+            os.mkdir(self.authorized)
+            self.server_public, self.server_secret = zmq.auth.create_certificates(self.directory, "server")
+            for name in self.CLIENTS:
+                public, _ = zmq.auth.create_certificates(self.directory, name)
+                shutil.copy(public, self.authorized)
+        except BaseException:
+            self.remove()
+            raise
+
+    def client(self, role: str) -> tuple[str, str]:
+        """(the role's secret key file, the server's public key file)."""
+        return os.path.join(self.directory, f"{role}.key_secret"), self.server_public
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -175,11 +217,13 @@ def _cpu_per(roles: dict, before: dict, units: int) -> dict:
     return out
 
 
-def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list, env: dict) -> dict:
-    receiver = Child(f"{prefix}-receiver", _role_argv(f"{prefix}-receiver", endpoint, opts), opts.profile, env)
-    children.append(receiver)
-    sender = Child(f"{prefix}-sender", _role_argv(f"{prefix}-sender", endpoint, opts), opts.profile, env)
-    children.append(sender)
+def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list, env: dict,
+              keys: CurveKeys | None = None) -> dict:
+    tag = "-curve" if keys else ""  # (the children's names: profile files)
+    for side in ("receiver", "sender"):
+        children.append(Child(f"{prefix}{tag}-{side}", _role_argv(
+            f"{prefix}-{side}", endpoint, opts, keys and keys.client(side)), opts.profile, env))
+    receiver, sender = children[-2:]
     receiver.expect(deadline, "ready")
     sender.expect(deadline, "ready")
     middle = children[0]  # the forwarder or the broker
@@ -213,43 +257,51 @@ def _us(seconds):
 BROKER_LINE = re.compile(r"channelbus broker listening on (\S+), publishing on (\S+)")
 
 
-def _run_forwarded(prefix: str, opts, deadline: float, env: dict) -> dict:
-    """The reference forwarder with the ``prefix`` clients (ref: blocking, floor: asyncio)."""
+def _stop_all(children: list) -> None:
+    """The clients (which exit on their own) first, then the middle (children[0]) at once."""
+    for child in reversed(children):
+        child.stop(grace=0.0 if child is children[0] else 5.0)
+
+
+def _run_forwarded(prefix: str, opts, deadline: float, env: dict, keys: CurveKeys | None = None) -> dict:
+    """The reference forwarder with the ``prefix`` clients (ref: blocking, floor: asyncio);
+    with ``keys``, CURVE on the forwarder and its clients."""
     children: list[Child] = []
     try:
-        forwarder = Child("forwarder", [HERE, "--role", "forwarder", "--timeout", str(opts.timeout)],
-                          opts.profile, env)
+        secret = ("--secret-key", keys.server_secret) if keys else ()
+        forwarder = Child("forwarder-curve" if keys else "forwarder",
+                          [HERE, "--role", "forwarder", "--timeout", str(opts.timeout), *secret], opts.profile, env)
         children.append(forwarder)
         endpoint = forwarder.expect(deadline, "endpoint")["endpoint"]
-        return _run_pair(prefix, endpoint, opts, deadline, children, env)
+        return _run_pair(prefix, endpoint, opts, deadline, children, env, keys)
     finally:
-        for child in reversed(children):
-            child.stop(grace=0.0 if child.name == "forwarder" else 5.0)
+        _stop_all(children)
 
 
-def run_reference(opts, deadline: float, env: dict) -> dict:
-    return _run_forwarded("ref", opts, deadline, env)
+def run_reference(opts, deadline: float, env: dict, keys: CurveKeys | None = None) -> dict:
+    return _run_forwarded("ref", opts, deadline, env, keys)
 
 
 def run_floor(opts, deadline: float, env: dict) -> dict:
     return _run_forwarded("floor", opts, deadline, env)
 
 
-def run_bus(opts, deadline: float, env: dict, busy_poll: int | None = None) -> dict:
-    """The bus: a broker with its defaults (or ``--busy-poll busy_poll``) and two AsyncClients."""
+def run_bus(opts, deadline: float, env: dict, busy_poll: int | None = None, keys: CurveKeys | None = None) -> dict:
+    """The bus: a broker with its defaults (or ``--busy-poll busy_poll``) and two AsyncClients;
+    with ``keys``, a broker with ``--secret-key`` and ``--authorized-keys`` and clients with keys."""
     children: list[Child] = []
     try:
-        broker = Child("broker", [
+        curve = ("--secret-key", keys.server_secret, "--authorized-keys", keys.authorized) if keys else ()
+        broker = Child("broker-curve" if keys else "broker", [
             "-m", "consumers.cli", "broker", "--bind", f"tcp://{HOST}:*",
             "--pub-bind", f"tcp://{HOST}:*", "--log-level", "WARNING",
-            *(() if busy_poll is None else ("--busy-poll", str(busy_poll))),
+            *(() if busy_poll is None else ("--busy-poll", str(busy_poll))), *curve,
         ], opts.profile, env)
         children.append(broker)
         endpoint = broker.expect(deadline, pattern=BROKER_LINE).group(1)
-        return _run_pair("bus", endpoint, opts, deadline, children, env)
+        return _run_pair("bus", endpoint, opts, deadline, children, env, keys)
     finally:
-        for child in reversed(children):
-            child.stop(grace=0.0 if child.name == "broker" else 5.0)
+        _stop_all(children)
 
 
 def _fmt(value, spec: str) -> str:
@@ -261,14 +313,22 @@ def _ratio(a, b):
 
 
 def setups(opts) -> list[tuple]:
-    """(key, row label, runner) of each set-up, in the order they run and are shown."""
-    found = [("reference", "reference (pyzmq forwarder)", run_reference)]
+    """(key, row label, runner) of each set-up, in the order they run and are shown. A runner
+    takes (opts, deadline, env, keys): ``keys`` is the invocation's CurveKeys (None without the
+    CURVE set-ups), which only the CURVE set-ups use."""
+    def plain(run, **extra):
+        return lambda opts, deadline, env, keys: run(opts, deadline, env, **extra)
+
+    found = [("reference", "reference (pyzmq forwarder)", plain(run_reference))]
+    if opts.curve:
+        found.append(("reference-curve", "reference, CURVE", run_reference))
     if opts.floor:
-        found.append(("floor", "asyncio floor (same, asyncio)", run_floor))
-    found.append(("bus", "bus (AsyncClient + broker)", run_bus))
+        found.append(("floor", "asyncio floor (same, asyncio)", plain(run_floor)))
+    found.append(("bus", "bus (AsyncClient + broker)", plain(run_bus)))
+    if opts.curve:
+        found.append(("bus-curve", "bus, CURVE", lambda opts, deadline, env, keys: run_bus(opts, deadline, env, keys=keys)))
     for value in opts.busy_poll:
-        found.append((f"busy{value}", f"bus, broker --busy-poll {value}",
-                      lambda opts, deadline, env, value=value: run_bus(opts, deadline, env, value)))
+        found.append((f"busy{value}", f"bus, broker --busy-poll {value}", plain(run_bus, busy_poll=value)))
     return found
 
 
