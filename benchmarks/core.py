@@ -375,7 +375,38 @@ def report(results: dict, opts) -> str:
             f"{'asyncio floor / reference':30}{'':9}{_fmt(_ratio(floor['p50_us'], ref['p50_us']), '.2f') + 'x':>8}"
             "          (what an asyncio client costs on this hop before any bus work)"
         )
+    curve = [("reference CURVE / plain", results.get("reference-curve"), ref, "libzmq's encryption alone"),
+             ("bus CURVE / plain", results.get("bus-curve"), results["bus"], "what it costs the bus"),
+             ("bus CURVE / reference CURVE", results.get("bus-curve"), results.get("reference-curve"),
+              "the bus's ratios with CURVE on both")]
+    for label, r, plain, note in curve:
+        if r is None or plain is None:
+            continue
+        if "CURVE /" in label and label.endswith("plain"):
+            note = f"{note}: {_cost(r, plain)}"
+        rows.append(
+            f"{label:30}{_fmt(_ratio(r['msgs_per_s'], plain['msgs_per_s']), '.1%'):>9}"
+            f"{_fmt(_ratio(r['p50_us'], plain['p50_us']), '.2f') + 'x':>8}          ({note})"
+        )
     return "\n".join(rows)
+
+
+def _cpu_total(r: dict, per: str):
+    """CPU µs per unit of the three processes together (None if any is unknown)."""
+    values = [(r.get(per) or {}).get(role) for role in ("sender", "middle", "receiver")]
+    return None if None in values else sum(values)
+
+
+def _cost(curve: dict, plain: dict) -> str:
+    """What CURVE added, in absolute terms: p50, and CPU per message and per round trip summed
+    over sender, middle and receiver (encryption is CPU work, wherever it runs)."""
+    def delta(a, b, spec: str) -> str:
+        return "?" if a is None or b is None else format(a - b, spec)
+
+    return (f"p50 {delta(curve['p50_us'], plain['p50_us'], '+.0f')} us, CPU"
+            f" {delta(_cpu_total(curve, 'cpu_us_per_msg'), _cpu_total(plain, 'cpu_us_per_msg'), '+.1f')} us/msg and"
+            f" {delta(_cpu_total(curve, 'cpu_us_per_rt'), _cpu_total(plain, 'cpu_us_per_rt'), '+.0f')} us/rt"
+            " over the 3 processes")
 
 
 def _microseconds_list(text: str) -> list[int]:
@@ -402,6 +433,9 @@ def parse(argv):
     parser.add_argument("--repeat", type=int, default=1, help="runs of each set-up; medians are shown (default 1)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the asyncio floor (the reference forwarder with bare asyncio clients)")
+    parser.add_argument("--no-curve", dest="curve", action="store_false",
+                        help="skip the two CURVE set-ups (the reference and the bus again with CurveZMQ"
+                             " encryption, keys made for the run)")
     parser.add_argument("--busy-poll", type=_microseconds_list, default=[200], metavar="US[,US...]",
                         help="also run the bus with its broker's --busy-poll at each of these"
                              " microseconds, a set-up each (default 200; 'none': no such set-up)")
@@ -409,6 +443,8 @@ def parse(argv):
     parser.add_argument("--profile", metavar="DIR", help="run each process under cProfile into DIR")
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--secret-key", help=argparse.SUPPRESS)  # (a child's own key file, CURVE)
+    parser.add_argument("--server-key", help=argparse.SUPPRESS)  # (a client child's: the server's public key file)
     opts = parser.parse_args(argv)
     for name in ("messages", "rtt", "window", "capacity", "repeat"):
         if getattr(opts, name) < 1:
@@ -431,13 +467,17 @@ def main(argv=None) -> int:
     # (no CHANNELBUS_* setting of this shell reaches the broker: the bus row is its defaults)
     deadline = time.monotonic() + opts.timeout
     runs: dict[str, list[dict]] = {key: [] for key, _, _ in setups(opts)}
+    keys = CurveKeys() if opts.curve else None
     try:
         for _ in range(opts.repeat):  # alternate, so a noisy neighbour hits every set-up alike
             for key, _, runner in setups(opts):
-                runs[key].append(runner(opts, deadline, env))
+                runs[key].append(runner(opts, deadline, env, keys))
     except TimeoutError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if keys is not None:
+            keys.remove()
     results = {key: combine(found) for key, found in runs.items()}
     print(report(results, opts))
     if opts.json:

@@ -4,7 +4,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/layers.py [--quick] [--repetitions N] [--layers bus,core,pubsub]
+    .venv/bin/python benchmarks/layers.py [--quick] [--repetitions N] [--layers bus,core,pubsub,...]
                                           [--scenarios p2p,rtt,fanout,many] [--capacity N]
                                           [--wait-quiet S] [--redo-noisy N] [--max-others F]
                                           [--scale F] [--timeout S] [--run-timeout S]
@@ -39,6 +39,12 @@ a bare asyncio client for it, with no capacity, expiry, acknowledgement or group
 least any layer with one central Python hop can cost here, so it shows which targets the
 architecture allows at all.
 
+``--layers ...,bus-curve`` adds the ``BusChannelLayer`` with CurveZMQ: a second broker of its
+own, started with ``--secret-key`` and ``--authorized-keys``, and the layer with the CONFIG keys
+``secret_key`` and ``server_key`` (every worker with the same client key, as the processes of one
+Django project would have). The keys are made for the invocation in its temporary directory and
+removed with it. Beside ``bus`` it gives the cost of encryption, in the "bus-curve / bus" column.
+
 Every layer gets the same settings: ``capacity`` (``--capacity``, default 25,000: above any
 channel's total in these scenarios, so a sender is not just throttled by ``ChannelFull`` and
 ``group_send`` never has a reason to skip a member) and ``expiry`` 60 s. The pubsub layer takes
@@ -57,7 +63,8 @@ each run; ``--redo-noisy N`` runs a run again (up to N times) when others used m
 each side's CPU time per message (sender, receivers, broker or redis-server).
 
 ``--profile DIR`` runs every worker under cProfile (``DIR/<scenario>-<layer>-<role>-r<rep>.prof``)
-and the broker too (``DIR/broker.prof``, written when it stops).
+and the broker too (``DIR/broker.prof``, and ``DIR/broker-curve.prof`` for the CURVE broker,
+written when it stops).
 
 ``main(argv)`` is the entry point; it returns an exit status (0 when every run completed). The
 code it runs lives in ``benchmarks/layerbench/``: ``roles`` (each worker process), ``services``
@@ -98,7 +105,9 @@ def parse(argv):
     parser.add_argument("--quick", action="store_true", help="small smoke run (1 repetition unless -r)")
     parser.add_argument("-r", "--repetitions", type=int, default=None, help="repetitions per run (default 3)")
     parser.add_argument("--layers", default=",".join(LAYERS),
-                        help="comma-separated: bus,core,pubsub (default), and floor (p2p, rtt, many only)")
+                        help="comma-separated: bus,core,pubsub (default); bus-curve (the bus layer with"
+                             " CURVE keys, against a broker of its own with keys) and floor (p2p, rtt,"
+                             " many only) when named")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: p2p,rtt,fanout,many")
     parser.add_argument("--capacity", type=int, default=25_000, help="capacity given to every layer that has one")
     parser.add_argument("--timeout", type=float, default=3600.0, help="whole invocation, seconds")
@@ -146,10 +155,13 @@ def main(argv=None) -> int:
     discarded: list[dict] = []  # runs repeated because other programs competed for the CPUs
     failures = 0
     with tempfile.TemporaryDirectory(prefix="channelbus-layers-") as workdir:
-        services = Services(workdir, opts.profile, deadline, floor="floor" in opts.layers)
+        services = Services(workdir, opts.profile, deadline, floor="floor" in opts.layers,
+                            curve="bus-curve" in opts.layers)
         log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
         log(f"redis-server pid {services.redis_pid} at {services.env['redis']};"
-            f" broker pid {services.pids['broker']} at {services.env['bus']}")
+            f" broker pid {services.pids['broker']} at {services.env['bus']}"
+            + (f"; CURVE broker pid {services.pids['broker-curve']} at {services.env['bus-curve']}"
+               if "broker-curve" in services.pids else ""))
         try:
             for scenario in opts.scenarios:
                 for rep in range(opts.repetitions):
@@ -170,9 +182,11 @@ def main(argv=None) -> int:
             failures += 1
             log(f"stopped: {exc}")
         finally:
-            broker_log = services.log_tail("broker")
-            if broker_log != "(empty)":
-                log(f"the broker logged (warnings and errors, last lines):\n{broker_log}")
+            for name in ("broker", "broker-curve"):
+                broker_log = services.log_tail(name) if name in services.pids else "(empty)"
+                if broker_log != "(empty)":
+                    log(f"the {name.replace('-curve', ' with CURVE')} logged (warnings and errors,"
+                        f" last lines):\n{broker_log}")
             services.close()
     summary = summarise(results)
     print(render(summary, opts.layers, opts, sizes))

@@ -288,8 +288,10 @@ class BrokerServer:
         """Handle ``frames`` and deliver: alone after a pause, else with whatever else is
         waiting (up to BATCH) as one batch."""
         router, sock = self.router, self._commands
-        if self.config.permissions:
-            self._drain_subscriptions()  # (a GADD's marker goes out once its subscription applies)
+        # Subscriptions that came meanwhile apply before these commands: ZeroMQ takes them in
+        # only when the XPUB is used, so a GADD's marker would otherwise often go out before the
+        # subscription it proves, and the client would retry GSYNC 50 ms later.
+        self._drain_subscriptions()
         # A message after a pause (BUSY_GAP since the last batch ended) is handled alone and
         # delivered at once, without asking whether more wait: what follows it comes in the
         # next batch anyway. While busy, a burst of sends becomes one MSG per receiver.
@@ -321,12 +323,12 @@ class BrokerServer:
     def _drain_subscriptions(self) -> None:
         # Subscriptions need no action (clients confirm them with markers), but XPUB queues
         # them until read. With permissions (XPUB_MANUAL) each applies only if its key may.
+        # (readable() first: asking costs less than a receive that raises zmq.Again.)
         publisher, manual = self._publisher, bool(self.config.permissions)
         for _ in range(BATCH):
-            try:
-                frame = publisher.recv(NOBLOCK, copy=not manual)
-            except zmq.Again:
+            if not readable(publisher):
                 return
+            frame = publisher.recv(NOBLOCK, copy=not manual)
             if manual:
                 self._subscription(frame)
 

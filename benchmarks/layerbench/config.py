@@ -12,9 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HOST = "127.0.0.1"
 PAYLOAD = "p" * 64
 LAYERS = ("bus", "core", "pubsub")  # the default race
-OPTIONAL_LAYERS = ("floor",)  # asked for by name (--layers): see floor.py
+OPTIONAL_LAYERS = ("bus-curve", "floor")  # asked for by name (--layers): a broker with CURVE keys; floor.py
 LAYER_TITLES = {
     "bus": "BusChannelLayer",
+    "bus-curve": "BusChannelLayer, CURVE",
     "core": "channels_redis core",
     "pubsub": "channels_redis pubsub",
     "floor": "floor (plain forwarder)",

@@ -31,6 +31,7 @@ NOTES = {
     ("pubsub", "fanout"): "no capacity: nothing bounds a slow member's queue",
     **{("floor", s): "no capacity, expiry or acks; at most once: the least one central Python hop costs"
        for s in ("p2p", "rtt", "many")},
+    **{("bus-curve", s): "CurveZMQ on both broker sockets; its own broker, with keys" for s in SCENARIOS},
 }
 
 
@@ -86,7 +87,9 @@ def render(summary: dict, layers: list[str], opts, sizes: dict) -> str:
     if "core" in layers:
         ratio_cols += [(k, "core") for k in layers if k != "core"]
     if "pubsub" in layers:
-        ratio_cols += [(k, "pubsub") for k in ("bus", "floor") if k in layers]
+        ratio_cols += [(k, "pubsub") for k in ("bus", "bus-curve", "floor") if k in layers]
+    if "bus-curve" in layers and "bus" in layers:
+        ratio_cols.append(("bus-curve", "bus"))  # what CURVE costs the layer
     head += [f"{a} / {b}" for a, b in ratio_cols] + ["target", "met"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -156,7 +159,8 @@ def render(summary: dict, layers: list[str], opts, sizes: dict) -> str:
             f" (bus and core; pubsub has neither). Medians of {opts.repetitions} repetition(s).",
             "", "CPU per unit: process CPU time of each side during the timed phase divided by the messages"
             " (p2p, many), round trips (rtt: sender = ping side, receiver = pong side) or group_sends (fanout;"
-            " receivers summed over all receiver processes); broker, redis-server or the floor's forwarder from /proc."
+            " receivers summed over all receiver processes); broker (for the CURVE layer, its own broker),"
+            " redis-server or the floor's forwarder from /proc."
             " Host busy before: all CPUs, just before the run (the broker and redis idle). Others during:"
             " CPU used by no process of the run during its timed phase, as a share of all CPUs (other"
             " programs on the host; /proc tick granularity makes small values noise)."]

@@ -30,6 +30,11 @@ def make_layer(kind: str, env: dict, capacity: int):
     if kind == "bus":
         from clients.channel_layer import BusChannelLayer
         return BusChannelLayer(hosts=[env["bus"]], capacity=capacity, expiry=EXPIRY)
+    if kind == "bus-curve":  # the same against the broker with keys, with this client's keys
+        from clients.channel_layer import BusChannelLayer
+        secret_key, server_key = env["bus-curve-keys"]
+        return BusChannelLayer(hosts=[env["bus-curve"]], capacity=capacity, expiry=EXPIRY,
+                               secret_key=secret_key, server_key=server_key)
     if kind == "core":
         from channels_redis.core import RedisChannelLayer
         return RedisChannelLayer(hosts=[env["redis"]], capacity=capacity, expiry=EXPIRY)
@@ -43,7 +48,7 @@ def make_layer(kind: str, env: dict, capacity: int):
 
 
 async def close_layer(kind: str, layer) -> None:
-    if kind in ("bus", "floor"):
+    if kind in ("bus", "bus-curve", "floor"):
         await layer.close()
     elif kind == "core":
         await layer.close_pools()

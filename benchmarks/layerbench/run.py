@@ -75,14 +75,14 @@ def one_run(scenario: str, kind: str, rep: int, opts, sizes: dict, services: "Se
         services.check()
     except RunFailed as exc:
         res = {"error": str(exc)}
-        log(f"  {scenario:6} {kind:6} rep {rep + 1}: FAILED: {exc}")
+        log(f"  {scenario:6} {kind:9} rep {rep + 1}: FAILED: {exc}")
     else:
         label, unit, _ = METRICS[scenario]
         extra = "" if scenario == "rtt" else f", losses {res['losses']}, retries {res['retries']}"
         if res.get("missing"):
             extra += f" (first missing seqs: {res['missing'][:20]})"
         foreign = res.get("foreign")
-        log(f"  {scenario:6} {kind:6} rep {rep + 1}: {label} {fmt(res['value'], unit)}"
+        log(f"  {scenario:6} {kind:9} rep {rep + 1}: {label} {fmt(res['value'], unit)}"
             f"{extra} ({time.monotonic() - started:.1f} s; host busy before:"
             f" {'?' if busy is None else f'{busy:.0%}'}, others during:"
             f" {'?' if foreign is None else f'{foreign:.0%}'})")
@@ -95,7 +95,7 @@ def run_once(scenario: str, kind: str, rep: int, opts, sizes: dict, services: Se
     tag = f"{scenario}-{kind}-{rep}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
     base = {"capacity": opts.capacity}
     workers: list[Worker] = []
-    server = kind if kind in ("bus", "floor") else "redis"
+    server = kind if kind in ("bus", "bus-curve", "floor") else "redis"
     server_cpu, host_cpu, walls = [], [], []
 
     def mark() -> None:

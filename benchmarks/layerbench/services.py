@@ -1,5 +1,6 @@
 """The processes and measurements around a run of the layers benchmark: our own redis-server
-and channelbus broker (``Services``, both on free loopback ports and stopped by PID), stopping
+and channelbus broker (``Services``, both on free loopback ports and stopped by PID; for the
+``bus-curve`` layer a second broker with CURVE keys, made in the run's work directory), stopping
 any process by PID (``stop_pid``: grace, SIGTERM, SIGKILL), and the host's CPU figures from
 /proc (how busy it is, waiting for it to be quiet, busy CPU seconds since boot). ``RunFailed``
 is the error a run raises when a service or a worker lets it down.
@@ -115,9 +116,12 @@ def read_line(pipe, deadline: float) -> str:
 
 
 class Services:
-    """Our own redis-server and channelbus broker, both stopped by PID in ``close``."""
+    """Our own redis-server and channelbus broker, both stopped by PID in ``close``; with
+    ``curve`` also a broker with CURVE keys (``env["bus-curve"]``; the key files a client uses
+    in ``env["bus-curve-keys"]``), with ``floor`` the floor's forwarder."""
 
-    def __init__(self, workdir: str, profile_dir: str | None, deadline: float, floor: bool = False) -> None:
+    def __init__(self, workdir: str, profile_dir: str | None, deadline: float, floor: bool = False,
+                 curve: bool = False) -> None:
         self.procs: list[subprocess.Popen] = []
         self.env: dict = {}
         self.pids: dict[str, int] = {}  # "broker", "floor": the processes that print "listening on"
@@ -125,6 +129,8 @@ class Services:
         try:
             self._start_redis(deadline)
             self._start_broker(profile_dir, deadline)
+            if curve:
+                self._start_broker(profile_dir, deadline, keys=self._make_keys())
             if floor:
                 self._start_floor(deadline)
         except BaseException:
@@ -168,14 +174,35 @@ class Services:
         self.pids[name] = proc.pid
         return match
 
-    def _start_broker(self, profile_dir: str | None, deadline: float) -> None:
+    def _make_keys(self) -> dict:
+        """CURVE key pairs in ``workdir/keys`` (removed with the work directory): the broker's,
+        and one client key pair that every worker of the ``bus-curve`` layer uses (as one
+        Django project would), its public key alone in ``authorized/``."""
+        import shutil
+
+        import zmq.auth
+
+        keys = os.path.join(self.workdir, "keys")
+        authorized = os.path.join(keys, "authorized")
+        os.makedirs(authorized, mode=0o700)
+        server_public, server_secret = zmq.auth.create_certificates(keys, "broker")
+        client_public, client_secret = zmq.auth.create_certificates(keys, "bench")
+        shutil.copy(client_public, authorized)
+        self.env["bus-curve-keys"] = (client_secret, server_public)
+        return {"secret_key": server_secret, "authorized_keys": authorized}
+
+    def _start_broker(self, profile_dir: str | None, deadline: float, keys: dict | None = None) -> None:
+        """The broker (``keys``: the CURVE one, "broker-curve", from ``_make_keys``)."""
+        name = "broker-curve" if keys else "broker"
         argv = [sys.executable]
         if profile_dir:
-            argv += ["-m", "cProfile", "-o", os.path.join(profile_dir, "broker.prof")]
+            argv += ["-m", "cProfile", "-o", os.path.join(profile_dir, f"{name}.prof")]
         argv += ["-m", "consumers.cli", "broker", "--bind", f"tcp://{HOST}:*", "--pub-bind", f"tcp://{HOST}:*",
                  "--log-level", "warning"]
-        match = self._start_listening("broker", argv, ROOT, deadline)
-        self.env["bus"] = match.group(1)
+        if keys:
+            argv += ["--secret-key", keys["secret_key"], "--authorized-keys", keys["authorized_keys"]]
+        match = self._start_listening(name, argv, ROOT, deadline)
+        self.env["bus-curve" if keys else "bus"] = match.group(1)
 
     def _start_floor(self, deadline: float) -> None:
         """The floor's plain forwarder (floor.py), for ``--layers ...,floor``."""
@@ -205,8 +232,8 @@ class Services:
         """CPU seconds used so far by the broker and by redis-server (from /proc)."""
         tick = os.sysconf("SC_CLK_TCK")
         result = {}
-        for name, pid in (("bus", self.pids.get("broker")), ("redis", getattr(self, "redis_pid", None)),
-                          ("floor", self.pids.get("floor"))):
+        for name, pid in (("bus", self.pids.get("broker")), ("bus-curve", self.pids.get("broker-curve")),
+                          ("redis", getattr(self, "redis_pid", None)), ("floor", self.pids.get("floor"))):
             try:
                 with open(f"/proc/{pid}/stat") as handle:
                     fields = handle.read().rsplit(")", 1)[1].split()
