@@ -512,3 +512,73 @@ def test_protected_mode_refuses_to_bind_beyond_loopback_without_keys(keys):
         assert BrokerConfig(bind=endpoint, **keys.broker_settings()).bind == endpoint
     for local in ("tcp://127.0.0.1:6000", "tcp://localhost:6000", "tcp://[::1]:6000", "ipc:///tmp/x"):
         assert BrokerConfig(bind=local).bind == local
+
+
+def test_an_async_receive_from_a_channel_it_may_not_read_raises_forbidden(guarded):
+    keys, broker = guarded
+
+    async def main() -> None:
+        async with AsyncClient(broker.url, timeout=5, **keys.client("web")) as web:
+            with pytest.raises(Forbidden) as caught:
+                await web.receive("tasks", timeout=None)  # (raised, not waited on forever)
+            assert (caught.value.key, caught.value.action, caught.value.name) == ("web", "receive", "tasks")
+            with pytest.raises(Forbidden):
+                await web.send("tasks", {"type": "no"})
+            await web.send("chat.ok", {"type": "yes"})  # (and it goes on working)
+
+    asyncio.run(main())
+
+
+def test_a_client_whose_key_is_removed_fails_after_the_broker_restarts(keys, broker_process_factory):
+    ports = []
+    for _ in range(2):
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            ports.append(probe.getsockname()[1])
+    args = keys.broker_args("--bind", f"tcp://127.0.0.1:{ports[0]}", "--pub-bind", f"tcp://127.0.0.1:{ports[1]}")
+    broker = broker_process_factory(*args)
+    client = Client(broker.url, timeout=10, **keys.client("worker"))
+    failures: list = []
+
+    async def async_side() -> None:
+        async with AsyncClient(broker.url, timeout=10, **keys.client("worker")) as bus:
+            await bus.ping()
+            ready.set()
+            try:
+                await bus.receive("never", timeout=None)
+            except AuthenticationFailed as exc:
+                failures.append(exc)
+
+    ready = threading.Event()
+    waiter = threading.Thread(target=asyncio.run, args=(async_side(),))
+    waiter.start()
+    try:
+        assert ready.wait(10)
+        client.ping()
+        broker.process.kill()
+        broker.process.wait(5)
+        os.remove(keys.authorized / "worker.key")
+        broker_process_factory(*args)
+        start = time.monotonic()
+        with pytest.raises(AuthenticationFailed, match="not among the broker's authorized keys"):
+            client.send("tasks", {"type": "after"})
+        assert time.monotonic() - start < 10  # (at the refused handshake, not at the timeout)
+        waiter.join(15)
+        assert not waiter.is_alive() and len(failures) == 1  # the waiting receive was failed too
+    finally:
+        client.close()
+        waiter.join(15)
+
+
+def test_the_cli_commands_take_keys_from_flags_and_environment(keys, broker_process_factory):
+    broker = broker_process_factory(*keys.broker_args())
+    env = {**os.environ, "CHANNELBUS_BROKER": broker.url, "CHANNELBUS_SECRET_KEY": keys.client("web")["secret_key"],
+           "CHANNELBUS_SERVER_KEY": keys.broker_public}
+    sent = channelbus("send", "cli.box", '{"type": "from.cli"}', env=env)
+    assert sent.returncode == 0, sent.stderr
+    listened = channelbus("listen", "cli.box", "--count", "1", env=env)
+    assert listened.returncode == 0 and '"from.cli"' in listened.stdout
+    shown = channelbus("stats", "--broker", broker.url, "--timeout", "5",
+                       "--secret-key", keys.client("web")["secret_key"], "--server-key", keys.broker_public)
+    assert shown.returncode == 0 and "channelbus broker: up" in shown.stdout
+    refused = channelbus("send", "cli.box", '{"type": "x"}', "--broker", broker.url, "--timeout", "5")
+    assert refused.returncode == 1 and "requires CURVE keys" in refused.stderr
