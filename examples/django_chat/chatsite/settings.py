@@ -7,6 +7,9 @@ Environment variables:
   ``DJANGO_ALLOWED_HOSTS`` (comma separated, default ``127.0.0.1,localhost``).
 
 No database and no authentication: a person says who they are with the ``name`` query parameter.
+
+For a broker that uses CURVE keys, serve the site with ``chatsite.settings_keys`` (these settings
+plus the site's keys, from ``CHANNELBUS_SECRET_KEY`` and ``CHANNELBUS_SERVER_KEY``).
 """
 
 import os
