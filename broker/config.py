@@ -121,7 +121,8 @@ class BrokerConfig:
                     f"protected mode: {exposed[0]} is reachable beyond this host and the broker has no"
                     " keys, so anyone who can reach it could read every channel and flush the"
                     " broker. Generate keys (channelbus keygen broker --dir keys; channelbus keygen"
-                    " CLIENT --dir keys/authorized) and pass --secret-key keys/broker.key_secret"
+                    " CLIENT --dir client-keys, then copy client-keys/CLIENT.key, the public half"
+                    " only, into keys/authorized) and pass --secret-key keys/broker.key_secret"
                     " --authorized-keys keys/authorized (docs/security.md), bind to 127.0.0.1, or"
                     " pass --insecure if a firewall or private network protects the ports"
                 )
