@@ -37,7 +37,9 @@ One invocation runs six set-ups (by default) with the same 64-byte payload (a ms
 
 The table also shows the CPU time (user + system, all threads, from /proc) each process spent per
 message during the throughput phase and per round trip during the latency phase: on a busy host
-they are steadier than the rates. The code each process runs is in ``corebench/``.
+they are steadier than the rates. "others" is the share of all CPUs that no process of the
+set-up used during its two phases (other programs on the host; the largest of the runs with
+``--repeat``): where it is high, the rates of that row are not the set-up's alone. The code each process runs is in ``corebench/``.
 
 Every child is a subprocess of this one (``sys.executable`` running this file with ``--role``
 or the broker CLI); each is stopped by its PID (SIGTERM, then SIGKILL) when it does not exit on
@@ -208,6 +210,27 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def host_cpu_seconds() -> float | None:
+    """CPU seconds all CPUs have spent busy since boot (from /proc/stat); None off Linux."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _others(host0, ours0: dict, wall0: float, roles: dict) -> float | None:
+    """The share of all CPUs that none of the set-up's processes used since ``host0`` (other
+    programs on the host, and this parent, which only waits), or None if unknown."""
+    host1, wall1 = host_cpu_seconds(), time.monotonic()
+    ours1 = [cpu_seconds(child.proc.pid) for child in roles.values()]
+    if host0 is None or host1 is None or None in ours1 or None in ours0.values():
+        return None
+    foreign = (host1 - host0) - (sum(ours1) - sum(ours0.values()))
+    return max(0.0, foreign) / max(1e-9, (wall1 - wall0) * (os.cpu_count() or 1))
+
+
 def _cpu_per(roles: dict, before: dict, units: int) -> dict:
     """CPU µs each process spent per unit since ``before`` (None where /proc is not there)."""
     out = {}
@@ -230,6 +253,7 @@ def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list,
     roles = {"sender": sender, "middle": middle, "receiver": receiver}
     # CPU time per message and per round trip: steadier than the rates on a busy host.
     before = {role: cpu_seconds(child.proc.pid) for role, child in roles.items()}
+    host0, ours0, wall0 = host_cpu_seconds(), dict(before), time.monotonic()
     sender.tell("go")
     sent = sender.expect(deadline, "t0")
     got = receiver.expect(deadline, "received")
@@ -239,6 +263,7 @@ def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list,
     rtt = sender.expect(deadline, "rtt")["rtt"]
     receiver.expect(deadline, "answered")
     cpu_rt = _cpu_per(roles, before, opts.rtt + opts.warmup)
+    others = _others(host0, ours0, wall0, roles)
     elapsed = got["t_end"] - sent["t0"]
     complete = got["received"] == opts.messages
     return {
@@ -246,7 +271,7 @@ def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list,
         "msgs_per_s": got["received"] / elapsed if elapsed > 0 and complete else None,
         "in_order": got["disorder"] == 0, "disorder": got["disorder"], "retries": sent.get("retries", 0),
         "rtt_n": rtt["n"], "p50_us": _us(rtt["p50"]), "p99_us": _us(rtt["p99"]),
-        "cpu_us_per_msg": cpu_msg, "cpu_us_per_rt": cpu_rt,
+        "cpu_us_per_msg": cpu_msg, "cpu_us_per_rt": cpu_rt, "others": others,
     }
 
 
@@ -342,7 +367,7 @@ def report(results: dict, opts) -> str:
         + (f", median of {opts.repeat} runs" if opts.repeat > 1 else "")
         + (f"; {os.cpu_count()} CPUs, load {load:.1f}" if load is not None else ""),
         f"{'':30}{'msgs/s':>9}{'p50 us':>8}{'p99 us':>8}  CPU us/msg send/mid/recv"
-        "  CPU us/rt send/mid/recv  notes",
+        "  CPU us/rt send/mid/recv  others  notes",
     ]
     for key, name, _ in setups(opts):
         r = results.get(key)
@@ -357,7 +382,8 @@ def report(results: dict, opts) -> str:
                (("cpu_us_per_msg", ".1f"), ("cpu_us_per_rt", ".0f")) for role in ("sender", "middle", "receiver")]
         rows.append(
             f"{name:30}{_fmt(r['msgs_per_s'], ',.0f'):>9}{_fmt(r['p50_us'], '.0f'):>8}"
-            f"{_fmt(r['p99_us'], '.0f'):>8}  {'/'.join(cpu[:3]):>24}  {'/'.join(cpu[3:]):>23}  {', '.join(notes)}"
+            f"{_fmt(r['p99_us'], '.0f'):>8}  {'/'.join(cpu[:3]):>24}  {'/'.join(cpu[3:]):>23}"
+            f"  {_fmt(r.get('others'), '.0%'):>6}  {', '.join(notes)}"
         )
     ref, floor = results["reference"], results.get("floor")
     compared = [("bus / reference", results["bus"],
@@ -429,7 +455,8 @@ def parse(argv):
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured round trips first (default 200)")
     parser.add_argument("--window", type=int, default=1, help="bus send() calls awaited concurrently (default 1: one awaiting sender, which the client pipelines with reserved slots)")
     parser.add_argument("--capacity", type=int, default=10000, help="bus channel capacity (default 10000)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="overall limit in seconds (default 120)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="overall limit in seconds (default 120 per repetition)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each set-up; medians are shown (default 1)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the asyncio floor (the reference forwarder with bare asyncio clients)")
@@ -449,6 +476,8 @@ def parse(argv):
     for name in ("messages", "rtt", "window", "capacity", "repeat"):
         if getattr(opts, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if opts.timeout is None:  # (six set-ups of the default sizes take about 20 s a repetition)
+        opts.timeout = 120.0 * opts.repeat
     if opts.warmup < 0 or opts.timeout <= 0:
         parser.error("--warmup must be >= 0 and --timeout above 0")
     return opts
@@ -498,6 +527,7 @@ def combine(runs: list[dict]) -> dict:
         "in_order": all(r["in_order"] for r in runs), "disorder": sum(r["disorder"] for r in runs),
         "retries": sum(r["retries"] for r in runs),
         "rtt_n": min(r["rtt_n"] for r in runs), "p50_us": median("p50_us"), "p99_us": median("p99_us"),
+        "others": None if any(r.get("others") is None for r in runs) else max(r["others"] for r in runs),
         **{per: {role: _median([r[per][role] for r in runs]) for role in ("sender", "middle", "receiver")}
            for per in ("cpu_us_per_msg", "cpu_us_per_rt")},
     }

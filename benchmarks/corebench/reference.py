@@ -15,6 +15,8 @@ from .common import (
     payload_template, wait_word,
 )
 
+REPLY_WAIT = 5.0  # seconds a round trip's sender waits for the reply before it stops
+
 
 def role_forwarder(args) -> None:
     """Reference forwarder: [dest, payload] from src becomes [src, payload] to dest."""
@@ -105,6 +107,20 @@ def role_ref_receiver(args) -> None:
     ctx.term()
 
 
+def _await_reply(dealer, again) -> bool:
+    """Receive a round trip's reply, waiting up to REPLY_WAIT seconds (as the bus sender does):
+    a loaded host can stall one for longer than a receive step, and a sender that gave up would
+    leave the receiver waiting for the rest until --timeout. False if none came."""
+    end = time.monotonic() + REPLY_WAIT
+    while True:
+        try:
+            dealer.recv_multipart()
+            return True
+        except again:  # (RCVTIMEO: one receive step)
+            if time.monotonic() > end:
+                return False
+
+
 def role_ref_sender(args) -> None:
     import zmq
 
@@ -132,9 +148,7 @@ def role_ref_sender(args) -> None:
         buf[offset:offset + 8] = seq.to_bytes(8, "big")
         start = trips.clock()
         send([REF_RECEIVER, bytes(buf)])
-        try:
-            dealer.recv_multipart()
-        except zmq.Again:
+        if not _await_reply(dealer, zmq.Again):
             break
         trips.took(seq, start)
     trips.report()
