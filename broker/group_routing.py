@@ -37,6 +37,7 @@ from .protocol.patterns import compile_pattern
 
 GROUP_SWEEP_SECONDS = 5.0  # group_send also drops expired members of the group it reaches
 JOIN_TIMEOUT = 5.0  # seconds a GADD for another client's channel waits for that client's JOINED
+SENT_SLACK = 5.0  # how far before its publication a group message's stated send time may be
 
 
 class GroupRouting:
@@ -148,8 +149,11 @@ class GroupRouting:
         stats["group_skipped"] += skipped
         if specific:
             seq = self.published[cmd.group] = self.published.get(cmd.group, 0) + 1
-            header = {"op": "msg", "ttl": int(cmd.expiry * 1000), "at": now + self.wall_offset,
-                      "cap": cmd.capacity, "seq": seq}
+            # ``at``: when it was sent. The sender's reckoning if it gave one (the moment that
+            # group_send returned, which a pipelined GPOST reaches later), within SENT_SLACK.
+            wall = now + self.wall_offset
+            at = min(wall, max(cmd.sent, wall - SENT_SLACK)) if cmd.sent else wall
+            header = {"op": "msg", "ttl": int(cmd.expiry * 1000), "at": at, "cap": cmd.capacity, "seq": seq}
             if cmd.channel_capacity:
                 header["ccap"] = [list(p) for p in cmd.channel_capacity]
             out.append(Out(PUB, [group_topic(cmd.group), wire.pack(header), cmd.body]))

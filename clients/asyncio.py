@@ -163,6 +163,11 @@ class AsyncClient(Link, FrontDoor):
                                      channel=channel, timeout=timeout) from None
             now = time.monotonic()
         while True:
+            if self._sub_unread or readable(self._sub):
+                # Group messages that reached this process go into their channels' queues
+                # before one is taken: a member at capacity skips what came meanwhile, as the
+                # layer specification (and channels_redis) do, not what comes after a receive.
+                self._sub_unread = self._read(self._sub, core.on_sub)
             message = core.pop(channel, now, defer_ack=True) if channel in core.queues or core.forbidden else None
             if message is not None:
                 if self._ack_timer is None:

@@ -32,6 +32,7 @@ import fnmatch
 import logging
 import re
 import secrets
+import time
 from collections import deque
 from typing import Any
 
@@ -127,6 +128,7 @@ class ClientCore(Inbound):
         self.pub_endpoint = ""
         self._next_id = 0
         self.queues: dict[str, deque] = {}
+        self.taken_at: dict[str, deque] = {}  # group member channel -> when messages left its queue
         self.credited: set[str] = set()
         self.forbidden: dict[str, BusError] = {}  # channel -> the refusal of its CREDIT (receive())
         self.pending_acks: dict[str, int] = {}
@@ -354,8 +356,11 @@ class ClientCore(Inbound):
     def group_send(self, group: str, message: dict, reply: bool = True) -> tuple[int | None, list[bytes]]:
         """GSEND, or (``reply`` False) GPOST, which needs no round trip (``rid`` None)."""
         body = self._body(message)
+        # ``sent``: members at capacity now skip it, not members at capacity when the broker
+        # gets to it (a GPOST leaves later), as the layer specification says.
         fields = dict(group=group, capacity=self.capacity, expiry=self.expiry,
-                      channel_capacity=self._wire_patterns, body=body)
+                      channel_capacity=self._wire_patterns, body=body,
+                      sent=time.time() + self.clock_offset if self.limits else 0.0)
         if reply:
             return self._build(wire.GroupSend, **fields)
         try:

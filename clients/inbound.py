@@ -43,6 +43,8 @@ from .errors import BusError, InvalidName, bad_name, from_reply
 from .messages import unpack_message
 
 log = logging.getLogger("channelbus.client")
+TAKEN_KEEP_SECONDS = 30.0  # how long a group member channel's takes are remembered (its depth then)
+TAKEN_CHANNELS_KEPT = 10_000  # member channels whose takes are remembered, before idle ones go
 
 
 class Inbound:
@@ -128,8 +130,11 @@ class Inbound:
             raise self.forbidden.pop(channel)
         queue = self.queues.get(channel)
         message = None
+        taken = self.taken_at.get(channel) if self.taken_at else None
         while queue:
             body, deadline, direct = queue.popleft()
+            if taken is not None:
+                taken.append(now)
             if direct:
                 self.pending_acks[channel] = self.pending_acks.get(channel, 0) + 1
             if deadline > now:
@@ -249,7 +254,8 @@ class Inbound:
         members = self.groups.members.get(group)
         if not members:
             return []
-        deadline = self._sent_at(header, now, wall) + header["ttl"] / 1000.0
+        sent = self._sent_at(header, now, wall)
+        deadline = sent + header["ttl"] / 1000.0
         patterns = header.get("ccap") or ()
         default = header.get("cap", self.capacity)
         arrived = []
@@ -265,12 +271,33 @@ class Inbound:
             queue = self.queues.get(channel)
             if queue is None:
                 queue = self.queues[channel] = deque()
-            if len(queue) >= capacity:
+            if len(queue) + self._taken_since(channel, sent, now) >= capacity:
                 self.skipped += 1
                 continue
             queue.append((body, deadline, False))
             arrived.append(("arrived", channel))
         return arrived
+
+    def _taken_since(self, channel: str, sent: float, now: float) -> int:
+        """How many messages ``channel`` gave up (taken or expired) since ``sent``: with the
+        queue's length, its depth when the group message was sent. A member at capacity then
+        skips it, as the layer specification says, even if a receive() took one of the queued
+        messages before this one reached the process. (Times as the clock sync allows: within
+        a fraction of a round trip.)"""
+        taken = self.taken_at.get(channel)
+        if taken is None:
+            if len(self.taken_at) >= TAKEN_CHANNELS_KEPT:
+                self.taken_at = {c: t for c, t in self.taken_at.items() if t}
+            self.taken_at[channel] = deque()
+            return 0
+        while taken and taken[0] < now - TAKEN_KEEP_SECONDS:
+            taken.popleft()
+        count = 0
+        for at in reversed(taken):
+            if at <= sent:
+                break
+            count += 1
+        return count
 
     def _on_flush(self) -> list[tuple]:
         for channel, queue in self.queues.items():

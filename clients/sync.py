@@ -197,6 +197,8 @@ class Client(FrontDoor):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if not (self._online and core.groups.replaying):  # (whole, or the broker is away)
+                if readable(self._sub):
+                    self._take_in()  # (group messages first: a member at capacity skips them)
                 message = core.pop(channel, time.monotonic())
                 self._flush_outgoing()
                 if message is not None:

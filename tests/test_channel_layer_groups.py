@@ -334,3 +334,39 @@ def test_flush_empties_a_full_channel(layer_factory):
         return await drain(layer, "flush-full")
 
     assert run(main()) == [{"type": "y"}]
+
+
+def test_group_send_skips_a_member_at_capacity_when_it_is_sent(layer_factory):
+    """channels_redis's test_group_send_capacity: three group messages fill the member, the
+    fourth is skipped, even though the receives come after all four sends."""
+    layer = layer_factory(capacity=3)
+
+    async def main():
+        channel = await layer.new_channel()
+        await layer.group_add("test-group", channel)
+        for n in range(4):
+            await layer.group_send("test-group", {"type": "message.1", "n": n})
+        got = [await receive(layer, channel) for _ in range(3)]
+        await nothing_on(layer, channel, 1.0)
+        return got
+
+    assert run(main()) == [{"type": "message.1", "n": n} for n in range(3)]
+
+
+def test_a_member_that_gave_up_a_message_before_the_next_group_send_has_room_again(layer_factory):
+    """Depth is counted at the moment of sending: a message taken before it leaves room."""
+    layer = layer_factory(capacity=3)
+
+    async def main():
+        channel = await layer.new_channel()
+        await layer.group_add("room", channel)
+        for n in range(3):
+            await layer.group_send("room", {"type": "m", "n": n})
+        first = await receive(layer, channel)  # (depth 2 from here on)
+        await layer.group_send("room", {"type": "m", "n": 3})
+        await layer.group_send("room", {"type": "m", "n": 4})  # (depth 3 when sent: skipped)
+        rest = [await receive(layer, channel) for _ in range(3)]
+        await nothing_on(layer, channel, 1.0)
+        return [first, *rest]
+
+    assert run(main()) == [{"type": "m", "n": n} for n in range(4)]

@@ -319,7 +319,7 @@ def test_a_burst_longer_than_the_brokers_read_batch_loses_no_message():
     pings = [wire.Ping(n).frames() for n in range(2, 3 * BATCH + 7)]
     sock = QueuedRouterSocket([[b"peer", *frames] for frames in [wire.Hello(1, "peer0001").frames(), *pings]])
     server = BrokerServer(BrokerConfig())
-    server.router, server._commands = Router(), sock
+    server.router, server._commands, server._publisher = Router(), sock, QueuedRouterSocket([])
     while sock.frames:
         server._read_commands(recv_frames(sock))
     replies = [frame for frame in sock.sent if frame not in (b"peer", wire.OK)]
@@ -337,7 +337,7 @@ def test_a_command_after_a_pause_is_pushed_alone_and_a_burst_as_one_msg():
         [b"giver", *wire.Send(2, "jobs", 100, 60.0, body[0], want=10).frames()],  # reserves slots
     ])
     server = BrokerServer(BrokerConfig())
-    server.router, server._commands = Router(), sock
+    server.router, server._commands, server._publisher = Router(), sock, QueuedRouterSocket([])
     while sock.frames:
         server._read_commands(recv_frames(sock))
 

@@ -141,6 +141,7 @@ class GroupSend(Request):
     expiry: float = 60.0
     channel_capacity: tuple[tuple[str, int], ...] = field(default=())
     body: bytes = b""
+    sent: float = 0.0  # when the sender sent it, by the broker's wall clock as it reckons; 0: not said
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,17 +170,24 @@ class GroupSend(Request):
         patterns = header.get("ccap", [])
         if not isinstance(patterns, list):
             raise ProtocolError("bad-value", "field 'ccap' must be a list of [regex, capacity]")
+        sent = header.get("at", 0.0)
+        if type(sent) not in (int, float) or not 0 <= sent <= 10**11:
+            raise ProtocolError("bad-value", f"field 'at' must be a wall-clock time in seconds; got {echo(sent)}",
+                                name="at")
         return cls(
             int_field(header, "id"), field_value(header, "g"), int_field(header, "cap", low=1),
             seconds_field(header, "exp"), tuple(tuple(p) if isinstance(p, list) else p for p in patterns),
-            one_body(cls.VERB, body),
+            one_body(cls.VERB, body), float(sent),
         )
 
     def header(self):
-        return {
+        header = {
             "id": self.id, "g": self.group, "cap": self.capacity, "exp": self.expiry,
             "ccap": [list(p) for p in self.channel_capacity],
         }
+        if self.sent:
+            header["at"] = self.sent
+        return header
 
     def frames(self):
         return [verb_frame(self.VERB), pack(self.header()), self.body]
