@@ -200,9 +200,16 @@ class CurveKeys:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system, all threads) a process has used so far; None off Linux."""
+def cpu_seconds(pid: int, main_thread: bool = False) -> float | None:
+    """CPU time a process has used so far; None off Linux. All its threads (user + system,
+    from /proc/PID/stat: it counts threads that have ended, and a process that has just exited),
+    or with ``main_thread`` only the one Python runs in, not libzmq's I/O threads (from its
+    schedstat, in nanoseconds: /proc's CPU ticks are too coarse to tell a few microseconds per
+    message apart)."""
     try:
+        if main_thread:
+            with open(f"/proc/{pid}/task/{pid}/schedstat") as handle:
+                return int(handle.read().split()[0]) / 1e9
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -231,11 +238,15 @@ def _others(host0, ours0: dict, wall0: float, roles: dict) -> float | None:
     return max(0.0, foreign) / max(1e-9, (wall1 - wall0) * (os.cpu_count() or 1))
 
 
-def _cpu_per(roles: dict, before: dict, units: int) -> dict:
-    """CPU µs each process spent per unit since ``before`` (None where /proc is not there)."""
+def _cpu_now(roles: dict, main_thread: bool = False) -> dict:
+    return {role: cpu_seconds(child.proc.pid, main_thread) for role, child in roles.items()}
+
+
+def _cpu_per(roles: dict, before: dict, units: int, main_thread: bool = False) -> dict:
+    """CPU µs each process (or its main thread) spent per unit since ``before`` (None where
+    /proc is not there)."""
     out = {}
-    for role, child in roles.items():
-        now = cpu_seconds(child.proc.pid)
+    for role, now in _cpu_now(roles, main_thread).items():
         out[role] = None if now is None or before[role] is None else (now - before[role]) * 1e6 / max(1, units)
     return out
 
@@ -252,17 +263,21 @@ def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list,
     middle = children[0]  # the forwarder or the broker
     roles = {"sender": sender, "middle": middle, "receiver": receiver}
     # CPU time per message and per round trip: steadier than the rates on a busy host.
-    before = {role: cpu_seconds(child.proc.pid) for role, child in roles.items()}
+    # The main threads' share (Python, and libzmq's calls made from it) apart from the I/O
+    # threads' (where libzmq moves, and with CURVE encrypts, every frame): the JSON's main_us_*.
+    before, before_main = _cpu_now(roles), _cpu_now(roles, True)
     host0, ours0, wall0 = host_cpu_seconds(), dict(before), time.monotonic()
     sender.tell("go")
     sent = sender.expect(deadline, "t0")
     got = receiver.expect(deadline, "received")
     cpu_msg = _cpu_per(roles, before, got["received"])
-    before = {role: cpu_seconds(child.proc.pid) for role, child in roles.items()}
+    main_msg = _cpu_per(roles, before_main, got["received"], True)
+    before, before_main = _cpu_now(roles), _cpu_now(roles, True)
     sender.tell("go")
     rtt = sender.expect(deadline, "rtt")["rtt"]
     receiver.expect(deadline, "answered")
     cpu_rt = _cpu_per(roles, before, opts.rtt + opts.warmup)
+    main_rt = _cpu_per(roles, before_main, opts.rtt + opts.warmup, True)
     others = _others(host0, ours0, wall0, roles)
     elapsed = got["t_end"] - sent["t0"]
     complete = got["received"] == opts.messages
@@ -272,6 +287,7 @@ def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list,
         "in_order": got["disorder"] == 0, "disorder": got["disorder"], "retries": sent.get("retries", 0),
         "rtt_n": rtt["n"], "p50_us": _us(rtt["p50"]), "p99_us": _us(rtt["p99"]),
         "cpu_us_per_msg": cpu_msg, "cpu_us_per_rt": cpu_rt, "others": others,
+        "main_us_per_msg": main_msg, "main_us_per_rt": main_rt,
     }
 
 
@@ -406,14 +422,20 @@ def report(results: dict, opts) -> str:
              ("bus CURVE / reference CURVE", results.get("bus-curve"), results.get("reference-curve"),
               "the bus's ratios with CURVE on both")]
     for label, r, plain, note in curve:
-        if r is None or plain is None:
-            continue
-        if "CURVE /" in label and label.endswith("plain"):
-            note = f"{note}: {_cost(r, plain)}"
-        rows.append(
-            f"{label:30}{_fmt(_ratio(r['msgs_per_s'], plain['msgs_per_s']), '.1%'):>9}"
-            f"{_fmt(_ratio(r['p50_us'], plain['p50_us']), '.2f') + 'x':>8}          ({note})"
-        )
+        if r is not None and plain is not None:
+            rows.append(
+                f"{label:30}{_fmt(_ratio(r['msgs_per_s'], plain['msgs_per_s']), '.1%'):>9}"
+                f"{_fmt(_ratio(r['p50_us'], plain['p50_us']), '.2f') + 'x':>8}          ({note})"
+            )
+    costs = [(name, results.get(f"{key}-curve"), results.get(key)) for key, name in (("reference", "reference"), ("bus", "bus"))]
+    if any(r is not None for _, r, _ in costs):
+        rows.append(f"{'what CURVE added':30}{'p50 us':>9}  {'CPU us/msg all (main)':>22}  {'CPU us/rt all (main)':>21}")
+        for name, r, plain in costs:
+            if r is not None and plain is not None:
+                rows.append(f"{name:30}{_delta(r, plain, 'p50'):>9}  {_cost(r, plain, 'msg', '+.1f'):>22}"
+                            f"  {_cost(r, plain, 'rt', '+.0f'):>21}")
+        rows.append("(CPU: the 3 processes together; main: their main threads, where Python runs; the rest"
+                    " ran in libzmq's I/O threads, which move every frame and with CURVE encrypt it)")
     return "\n".join(rows)
 
 
@@ -423,16 +445,15 @@ def _cpu_total(r: dict, per: str):
     return None if None in values else sum(values)
 
 
-def _cost(curve: dict, plain: dict) -> str:
-    """What CURVE added, in absolute terms: p50, and CPU per message and per round trip summed
-    over sender, middle and receiver (encryption is CPU work, wherever it runs)."""
-    def delta(a, b, spec: str) -> str:
-        return "?" if a is None or b is None else format(a - b, spec)
+def _delta(curve: dict, plain: dict, per: str, spec: str = "+.0f") -> str:
+    """CURVE's row minus the plain one: ``per`` is "p50" or a CPU figure summed over the roles."""
+    a, b = (curve["p50_us"], plain["p50_us"]) if per == "p50" else (_cpu_total(curve, per), _cpu_total(plain, per))
+    return "?" if a is None or b is None else format(a - b, spec)
 
-    return (f"p50 {delta(curve['p50_us'], plain['p50_us'], '+.0f')} us, CPU"
-            f" {delta(_cpu_total(curve, 'cpu_us_per_msg'), _cpu_total(plain, 'cpu_us_per_msg'), '+.1f')} us/msg and"
-            f" {delta(_cpu_total(curve, 'cpu_us_per_rt'), _cpu_total(plain, 'cpu_us_per_rt'), '+.0f')} us/rt"
-            " over the 3 processes")
+
+def _cost(curve: dict, plain: dict, unit: str, spec: str) -> str:
+    """What CURVE added to the CPU per ``unit`` ("msg" or "rt"): all threads (main threads)."""
+    return f"{_delta(curve, plain, f'cpu_us_per_{unit}', spec)} ({_delta(curve, plain, f'main_us_per_{unit}', spec)})"
 
 
 def _microseconds_list(text: str) -> list[int]:
@@ -529,7 +550,7 @@ def combine(runs: list[dict]) -> dict:
         "rtt_n": min(r["rtt_n"] for r in runs), "p50_us": median("p50_us"), "p99_us": median("p99_us"),
         "others": None if any(r.get("others") is None for r in runs) else max(r["others"] for r in runs),
         **{per: {role: _median([r[per][role] for r in runs]) for role in ("sender", "middle", "receiver")}
-           for per in ("cpu_us_per_msg", "cpu_us_per_rt")},
+           for per in ("cpu_us_per_msg", "cpu_us_per_rt", "main_us_per_msg", "main_us_per_rt")},
     }
 
 
