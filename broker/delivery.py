@@ -402,7 +402,9 @@ class Delivery:
 
     def forget(self, peer: Peer, drop_specific: bool) -> None:
         """Remove a peer: its credit, what it held in flight or reserved, and (if
-        ``drop_specific``) the messages waiting for its process-specific channels."""
+        ``drop_specific``) the messages waiting for, or pushed to, its process-specific
+        channels; else those it was pushed go back to their channels, for the client id's next
+        connection (BYE ``keep``)."""
         del self.peers[peer.rid]
         if self.by_client.get(peer.client) == peer.rid:
             del self.by_client[peer.client]
@@ -411,7 +413,7 @@ class Delivery:
             if inbox is None:
                 continue
             inbox.inflight -= len(items)
-            if owner_of(name) is None:  # a normal channel's unconsumed messages go back, in order
+            if owner_of(name) is None or not drop_specific:  # unconsumed messages go back, in order
                 inbox.requeue(items)
                 self.stalled.add(name)
             else:

@@ -74,9 +74,11 @@ class GroupRouting:
             out += self._unconfirmed(key, late, f"did not confirm within {JOIN_TIMEOUT:g} s")
         return out
 
-    def _forget_groups(self, client: str) -> list[Out]:
-        """Drop the memberships of a client that left; answer the GADDs that waited for it."""
-        self.groups.drop_owner(client)
+    def _forget_groups(self, client: str, drop: bool = True) -> list[Out]:
+        """Drop the memberships of a client that left (unless not ``drop``: it comes back);
+        answer the GADDs that waited for it."""
+        if drop:
+            self.groups.drop_owner(client)
         out: list[Out] = []
         for key in [k for k in self.joining if k[0] == client]:
             out += self._unconfirmed(key, self.joining.pop(key), "disconnected")

@@ -447,4 +447,7 @@ class Router(GroupRouting, AccessControl):
         return []  # (handle() has noted the peer as seen)
 
     def _bye(self, peer: Peer, cmd: wire.Bye, now: float) -> list[Out]:
+        if cmd.keep:  # the client id carries on in another connection: its channels stay
+            self.delivery.forget(peer, drop_specific=False)
+            return self._forget_groups(peer.client, drop=False)
         return self._forget(peer)

@@ -185,6 +185,14 @@ class AsyncClient(Link, FrontDoor):
                 self._unwatch(channel, future, deadline)
             now = time.monotonic()
 
+    def _give_back(self, channel: str, message: dict) -> None:
+        """Put a message a receive() returned back at the front of ``channel``, and wake its
+        waiting receivers (the channel layer's receive for another loop, cancelled as it came)."""
+        self._core.give_back(channel, message, time.monotonic())
+        for waiter in self._arrivals.pop(channel, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
     def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name owned by this client (no round trip)."""
         return self._core.new_channel(prefix)

@@ -103,6 +103,7 @@ class ClientCore(Inbound):
     def __init__(
         self, *, capacity: int = 100, expiry: float = 60, group_expiry: float = 86400,
         channel_capacity=None, receive_window: int = RECEIVE_WINDOW, client_id: str | None = None,
+        resumable: bool = False,
     ) -> None:
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
@@ -120,6 +121,9 @@ class ClientCore(Inbound):
         self._wire_patterns = tuple((wire_source(p), c) for p, c in self.channel_capacity)
         self.receive_window = receive_window
         self.client_id = client_id or secrets.token_hex(6)
+        # Another connection will carry on with this client id (a channel layer's next event
+        # loop): closing keeps its channels' messages and memberships at the broker (BYE keep).
+        self.resumable = resumable
         # The connection's ZeroMQ routing id: the client id and a secret part, so nobody who
         # knows the id (it is in every process-specific channel name) can take the connection
         # over (the broker's ROUTER hands a routing id to the newest connection that claims it).
@@ -236,7 +240,7 @@ class ClientCore(Inbound):
         if self.pending_acks:
             acks, self.pending_acks = self.pending_acks, {}
             frames.append(wire.Ack(tuple(acks.items())).frames())
-        frames.append(wire.Bye().frames())
+        frames.append(wire.Bye(self.resumable).frames())
         return frames
 
     # -- sending, with reserved slots -----------------------------------------------------

@@ -40,7 +40,7 @@ from broker.protocol.errors import ProtocolError
 from broker.protocol.names import CONTROL_TOPIC, check_channel, owner_of
 
 from .errors import BusError, InvalidName, bad_name, from_reply
-from .messages import unpack_message
+from .messages import pack_message, unpack_message
 
 log = logging.getLogger("channelbus.client")
 TAKEN_KEEP_SECONDS = 30.0  # how long a group member channel's takes are remembered (its depth then)
@@ -147,6 +147,15 @@ class Inbound:
             # capacity, and ChannelFull must mean what it says.
             self._flush_acks()
         return message
+
+    def give_back(self, channel: str, message: dict, now: float) -> None:
+        """Put a message taken by ``pop`` back at the front of ``channel`` (a receive on another
+        loop was cancelled as it came): taken again next, already acknowledged, live for this
+        client's ``expiry`` from now (its own deadline was not kept)."""
+        self.queues.setdefault(channel, deque()).appendleft((pack_message(message), now + self.expiry, False))
+        taken = self.taken_at.get(channel)
+        if taken:
+            taken.pop()
 
     def take_acks(self) -> list[bytes] | None:
         """The ACK for what was taken and not yet acknowledged (None if nothing), on its own:

@@ -213,6 +213,86 @@ def test_receives_cancelled_while_messages_stream_in_lose_and_double_nothing(lay
     assert cancelled > 0, "no receive was ever cancelled: the test proved nothing"
 
 
+# -- process-specific channels across loops (the layer's, not a loop's) ----------------------------
+
+def test_double_receive_across_async_to_sync_loops(layer_factory, broker):
+    """channels_redis's test_double_receive: names made and sent to under async_to_sync, then
+    received in two other async_to_sync calls (each its own loop, closed after)."""
+    layer = layer_factory()
+
+    async def send_and_close(channel, message):
+        await layer.send(channel, message)
+        await layer.close_pools()
+
+    first = async_to_sync(layer.new_channel)()
+    second = async_to_sync(layer.new_channel)()
+    async_to_sync(send_and_close)(first, {"type": "test.message.1"})
+    async_to_sync(send_and_close)(second, {"type": "test.message.2"})
+
+    async def listen(channel, expected):
+        message = await receive(layer, channel)
+        assert message["type"] == expected
+        await layer.close_pools()
+
+    async_to_sync(listen)(second, "test.message.2")
+    async_to_sync(listen)(first, "test.message.1")
+    assert not layer._clients and layer._home is None
+    assert wait_for_peers(broker, 0) == 0
+    assert broker.server.router.stats["dropped_owner_gone"] == 0
+
+
+def test_a_channel_held_by_a_running_loop_is_received_from_another_loop(layer_factory):
+    """A consumer's loop holds the layer's id in one thread; a second loop in another thread
+    receives (and cancels receives, losing nothing) through it."""
+    layer = layer_factory()
+    holder_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=holder_loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        channel = asyncio.run_coroutine_threadsafe(layer.new_channel(), holder_loop).result(10)
+        assert layer._home[0] is holder_loop
+
+        async def elsewhere():
+            await layer.send(channel, {"type": "one"})
+            got = [await receive(layer, channel)]
+            cancelled = 0
+            for n in range(40):  # (cancelled receives through the holder lose nothing)
+                try:
+                    got.append(await asyncio.wait_for(layer.receive(channel), 0.001))
+                except asyncio.TimeoutError:
+                    cancelled += 1
+                await layer.send(channel, {"type": "n", "n": n})
+            while len(got) < 41:
+                got.append(await receive(layer, channel))
+            await nothing_on(layer, channel, 0.3)
+            assert cancelled > 0, "no receive was cancelled: the test proved nothing"
+            return got
+
+        got = run(elsewhere())
+        assert got[0] == {"type": "one"}
+        assert [m["n"] for m in got[1:]] == list(range(40))  # (all, once, in order)
+    finally:
+        holder_loop.call_soon_threadsafe(holder_loop.stop)
+        thread.join(5)
+        holder_loop.run_until_complete(layer.close_pools())
+        holder_loop.close()
+    assert layer._home is None
+
+
+def test_close_pools_closes_the_current_loops_connections_and_the_layer_goes_on(layer_factory, broker):
+    layer = layer_factory()
+
+    async def main():
+        channel = await layer.new_channel()
+        await layer.send("pools", {"type": "x"})
+        await layer.close_pools()
+        assert not layer._clients and layer._home is None
+        await layer.send(channel, {"type": "after"})  # (a later call connects again)
+        return await receive(layer, channel), await receive(layer, "pools")
+
+    assert run(main()) == ({"type": "after"}, {"type": "x"})
+
+
 # -- many receivers -----------------------------------------------------------------------------
 
 def test_many_concurrent_receives_on_different_channels_each_get_their_own(layer_factory):

@@ -1338,3 +1338,40 @@ def test_a_group_post_delivers_like_a_group_send_without_a_reply(router, a, b):
 def test_a_refused_group_post_answers_an_error_without_an_id(router, a):
     outs = a.raw(wire.GroupPost(0, "room", 10**9, 60.0, (), body(1)).frames())
     assert error(outs, b"A", "limit")["id"] is None
+
+
+def test_bye_with_keep_leaves_the_client_ids_channels_and_memberships_for_its_next_connection():
+    """A channel layer's holder of its id closes with its loop; the next loop's connection
+    says HELLO with the same id and finds what was pushed and not acknowledged, what was
+    queued since, and its memberships."""
+    router = Router()
+    first = FakeClient(router, b"r1", A_ID)
+    first.hello()
+    sender = FakeClient(router, b"s", B_ID)
+    sender.hello()
+    first.group_add("room", A_SPECIFIC)
+    first.joined("room", A_SPECIFIC)
+    sender.send(A_SPECIFIC, 1)  # pushed to the first connection, never acknowledged
+    first.raw(wire.Bye(keep=True).frames())
+    assert b"r1" not in router.peers and router.stats["dropped_owner_gone"] == 0
+    sender.send(A_SPECIFIC, 2)  # queued while nobody holds the id
+    assert router.groups.members("room", 0.0) == [A_SPECIFIC]
+    second = FakeClient(router, b"r2", A_ID)
+    outs = second.hello()
+    pushed = [number(body) for out in outs if out.dest == b"r2" and out.frames[0] == wire.MSG
+              for body in out.frames[2:]]
+    assert pushed == [1, 2]
+    assert any(out.frames[0] == wire.JOIN for out in outs if out.dest == b"r2")
+    router.check()
+
+
+def test_a_plain_bye_still_drops_the_channels_of_a_client_that_is_gone():
+    router = Router()
+    first = FakeClient(router, b"r1", A_ID)
+    first.hello()
+    sender = FakeClient(router, b"s", B_ID)
+    sender.hello()
+    sender.send(A_SPECIFIC, 1)
+    first.bye()
+    assert router.stats["dropped_owner_gone"] == 1
+    router.check()

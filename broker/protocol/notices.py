@@ -85,17 +85,25 @@ class Ack(Command):
 
 @dataclass(frozen=True)
 class Bye(Command):
-    """Notice: the client is closing; forget it now rather than at its heartbeat timeout."""
+    """Notice: the client is closing; forget it now rather than at its heartbeat timeout.
+
+    ``keep``: another connection will carry on with this client id (a channel layer's next
+    event loop): keep its process-specific channels' messages, putting back what it was pushed
+    and did not acknowledge, and its group memberships, for whoever says HELLO with the id next."""
 
     VERB: ClassVar[str] = "BYE"
+    keep: bool = False
 
     @classmethod
     def from_wire(cls, header, body):
         no_body(cls.VERB, body)
-        return cls()
+        keep = header.get("keep", False)
+        if type(keep) is not bool:
+            raise ProtocolError("bad-value", f"field 'keep' must be true or false; got {keep!r}", name="keep")
+        return cls(keep)
 
     def header(self):
-        return {}
+        return {"keep": True} if self.keep else {}
 
 
 @dataclass(frozen=True)
