@@ -43,7 +43,7 @@ __all__ = [
     "RESERVE_HEADROOM", "STRIKE_WINDOW", "Limits", "Out", "Router",
 ]
 
-REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken", "forbidden")  # answered, not struck
+REFUSALS = ("full", "memory", "limit", "too-large", "not-member", "id-taken", "forbidden", "wrong-shard")  # answered, not struck
 RESERVE_HEADROOM = 4  # no new send slots unless this many largest messages would still fit in memory
 STRIKE_WINDOW = 60.0  # seconds over which bad messages are counted against max_bad_frames
 LIVENESS = 3  # heartbeat intervals of silence after which a peer that promised heartbeats is dead
@@ -87,6 +87,7 @@ class Router(GroupRouting, AccessControl):
         self.begin_batch, self.end_batch = self.delivery.begin_batch, self.delivery.end_batch
         self._init_groups()  # groups, joining, published
         self._init_access(permissions)
+        self.shard: tuple[int, int] | None = None  # (index, count), as the first sharded client said
         self.strikes: dict[bytes, int] = {}
         self.banned: dict[bytes, float] = {}
         self._strikes_since: dict[bytes, float] = {}
@@ -287,6 +288,7 @@ class Router(GroupRouting, AccessControl):
         taken = delivery.by_client.get(cmd.client)
         if taken is not None and taken != rid:
             raise ProtocolError("id-taken", f"client id {cmd.client!r} is in use by a live client")
+        self._check_shard(cmd)
         old = delivery.peers.get(rid)
         key = old.key if old is not None else self._new_key
         self.claim(cmd.client, key)
@@ -312,6 +314,22 @@ class Router(GroupRouting, AccessControl):
         if not resumed:  # memberships recorded while it was away: it must subscribe to them
             out += self._rejoin(rid, cmd.client, now)
         return out
+
+    def _check_shard(self, cmd: wire.Hello) -> None:
+        """A client with several brokers says where this one is in its list: the first says
+        it for good; one that says otherwise would place names where no one else looks."""
+        if not cmd.shard:
+            return
+        if self.shard is None:
+            self.shard = tuple(cmd.shard)
+        elif tuple(cmd.shard) != self.shard:
+            index, count = self.shard
+            raise ProtocolError(
+                "wrong-shard",
+                f"this client's list of {cmd.shard[1]} brokers puts this one at place {cmd.shard[0] + 1}, but"
+                f" earlier clients' lists of {count} put it at place {index + 1}: give every client the"
+                " same brokers in the same order", shard=list(self.shard),
+            )
 
     def _send(self, peer: Peer, cmd: wire.Send, now: float) -> list[Out]:
         self._check_settings(cmd.capacity, cmd.expiry)

@@ -32,6 +32,7 @@ from broker.zio import readable, recv_frames, send_frames
 from .core import ClientCore
 from .errors import AuthenticationFailed, BrokerUnavailable, BusError, ReceiveTimeout
 from .keys import curve_options
+from .placement import split_urls
 from .frontdoor import FrontDoor
 from .link import Deadlines, Expired, Link
 from .sync import DEFAULT_URL
@@ -50,8 +51,18 @@ class AsyncClient(Link, FrontDoor):
     ``connect()`` if the broker does not let it in).
     """
 
+    def __new__(cls, url=DEFAULT_URL, *args, **kwargs):
+        """Several brokers (a list, or URLs separated by commas): a ShardedAsyncClient."""
+        urls = split_urls(url)
+        if cls is AsyncClient and len(urls) > 1:
+            from .shards import ShardedAsyncClient
+
+            return ShardedAsyncClient(urls, AsyncClient, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0, context: zmq.Context | None = None,
                  secret_key: str | None = None, server_key: str | None = None, **settings) -> None:
+        url = split_urls(url)[0]
         self.url = url
         self.timeout = timeout
         self._curve = curve_options(secret_key, server_key)

@@ -59,6 +59,7 @@ from .errors import BusError
 from .errors import ChannelFull as BusChannelFull
 from .errors import InvalidName
 from .keys import curve_options
+from .placement import split_urls
 
 
 _LEADING_FLAGS = re.compile(r"\(\?[aiLmsux]+\)")  # a global flags group, which must come first
@@ -72,11 +73,7 @@ class BusChannelLayer(BaseChannelLayer):
                  capacity: int = 100, channel_capacity=None, timeout: float = 10.0,
                  secret_key: str | None = None, server_key: str | None = None, **kwargs) -> None:
         super().__init__(expiry=expiry, capacity=capacity, channel_capacity=channel_capacity)
-        hosts = hosts or ["tcp://127.0.0.1:5555"]
-        if isinstance(hosts, str):
-            hosts = [hosts]
-        if len(hosts) != 1:
-            raise ValueError("BusChannelLayer takes exactly one broker URL in 'hosts' (sharding is not built yet)")
+        hosts = split_urls(hosts or ["tcp://127.0.0.1:5555"])  # (several: the bus is sharded)
         if kwargs:
             raise TypeError(f"unknown BusChannelLayer CONFIG keys: {', '.join(sorted(kwargs))}")
         self.hosts = list(hosts)
@@ -147,7 +144,7 @@ class BusChannelLayer(BaseChannelLayer):
 
     def _new_client(self, home: bool) -> AsyncClient:
         return AsyncClient(
-            self.hosts[0], capacity=self.capacity, expiry=self.expiry,
+            self.hosts, capacity=self.capacity, expiry=self.expiry,
             group_expiry=self.group_expiry, channel_capacity=self._wire_channel_capacity,
             timeout=self.timeout, client_id=self.client_id if home else None, resumable=home,
             **self._keys,

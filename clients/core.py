@@ -103,7 +103,7 @@ class ClientCore(Inbound):
     def __init__(
         self, *, capacity: int = 100, expiry: float = 60, group_expiry: float = 86400,
         channel_capacity=None, receive_window: int = RECEIVE_WINDOW, client_id: str | None = None,
-        resumable: bool = False,
+        resumable: bool = False, shard: tuple = (),
     ) -> None:
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
@@ -124,6 +124,7 @@ class ClientCore(Inbound):
         # Another connection will carry on with this client id (a channel layer's next event
         # loop): closing keeps its channels' messages and memberships at the broker (BYE keep).
         self.resumable = resumable
+        self.shard = tuple(shard)  # (index, count) of this core's broker among a sharded client's
         # The connection's ZeroMQ routing id: the client id and a secret part, so nobody who
         # knows the id (it is in every process-specific channel name) can take the connection
         # over (the broker's ROUTER hands a routing id to the newest connection that claims it).
@@ -204,7 +205,8 @@ class ClientCore(Inbound):
     def hello(self, heartbeat: float = 0.0) -> tuple[int, list[bytes]]:
         """HELLO, promising heartbeats every ``heartbeat`` seconds (0: none). After the first,
         it asks the broker to ``reset`` what it pushed on the lost connection (sent again)."""
-        return self._build(wire.Hello, client=self.client_id, heartbeat=heartbeat, reset=bool(self.limits))
+        return self._build(wire.Hello, client=self.client_id, heartbeat=heartbeat, reset=bool(self.limits),
+                           shard=self.shard)
 
     def flush(self) -> tuple[int, list[bytes]]:
         return self._build(wire.Flush)

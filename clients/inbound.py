@@ -296,7 +296,8 @@ class Inbound:
         taken = self.taken_at.get(channel)
         if taken is None:
             if len(self.taken_at) >= TAKEN_CHANNELS_KEPT:
-                self.taken_at = {c: t for c, t in self.taken_at.items() if t}
+                for idle in [c for c, t in self.taken_at.items() if not t]:
+                    del self.taken_at[idle]  # (in place: a sharded client's cores share the dict)
             self.taken_at[channel] = deque()
             return 0
         while taken and taken[0] < now - TAKEN_KEEP_SECONDS:

@@ -21,6 +21,7 @@ from .core import ClientCore
 from .frontdoor import CLOSE_LINGER_MS, RECONNECT_MAX_MS, RECONNECT_MS, FrontDoor, publisher_url
 from .errors import AuthenticationFailed, BrokerUnavailable, BusError, ReceiveTimeout
 from .keys import HANDSHAKE_FAILED, curve_options, definitive, handshake_failure
+from .placement import split_urls
 from .turns import Turns
 
 DEFAULT_URL = "tcp://127.0.0.1:5555"
@@ -68,8 +69,18 @@ class Client(FrontDoor):
     inside whichever client call is doing I/O at the time.
     """
 
+    def __new__(cls, url=DEFAULT_URL, *args, **kwargs):
+        """Several brokers (a list, or URLs separated by commas): a ShardedClient."""
+        urls = split_urls(url)
+        if cls is Client and len(urls) > 1:
+            from .shards import ShardedClient
+
+            return ShardedClient(urls, Client, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0, context: zmq.Context | None = None,
                  secret_key: str | None = None, server_key: str | None = None, **settings) -> None:
+        url = split_urls(url)[0]
         self.url = url
         self.timeout = timeout
         curve = curve_options(secret_key, server_key)
@@ -288,6 +299,13 @@ class Client(FrontDoor):
         except zmq.ZMQError:
             pass
         self._close_sockets()
+
+    @_serialized
+    def _pump(self) -> None:
+        """Take in what the sockets hold now (a sharded client's receive, between its waits on
+        another broker: group messages for its channels may come from this one)."""
+        if not self._closed:
+            self._take_in()
 
     # -- I/O (every method below runs with the lock held and the sockets this thread's) ----
 

@@ -408,7 +408,7 @@ def test_hosts_may_be_a_single_url_string(broker):
 
 
 @pytest.mark.parametrize("config, error", [
-    ({"hosts": ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]}, ValueError),
+    ({"hosts": ["tcp://127.0.0.1:1", "tcp://127.0.0.1:1"]}, ValueError),  # (a broker twice)
     ({"no_such_key": 1}, TypeError),
     ({"channel_capacity": {"http.*": 0}}, ValueError),
     ({"channel_capacity": {42: 5}}, TypeError),

@@ -27,6 +27,7 @@ ERROR_CODES = {
     "id-taken": "another live client already uses this client id",
     "banned": "the peer sent too many bad frames and is ignored for a while",
     "forbidden": "the client's key is not granted this action on this name (the permissions file)",
+    "wrong-shard": "the client's list of brokers puts this broker at another place than earlier clients' did",
 }
 
 

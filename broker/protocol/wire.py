@@ -30,6 +30,9 @@ MAX_PATTERN_LENGTH = 200
 MAX_STATS_TOP = 1000
 
 
+MAX_SHARDS = 1024  # brokers a client may be given
+
+
 @dataclass(frozen=True)
 class Hello(Request):
     """Opens (or resumes) a session: names the client id the connection uses (its ZeroMQ
@@ -40,6 +43,7 @@ class Hello(Request):
     client: str = ""
     heartbeat: float = 0.0
     reset: bool = False  # a client back after a dropped connection: resend what it was pushed
+    shard: tuple = ()  # (index, count): this broker's place in the client's list of brokers
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,12 +51,19 @@ class Hello(Request):
         if type(self.heartbeat) not in (int, float) or not 0 <= self.heartbeat <= 3600:
             raise ProtocolError("bad-value", f"field 'hb' must be seconds from 0 to 3600; got {echo(self.heartbeat)}",
                                 name="hb")
+        if self.shard and not (
+            len(self.shard) == 2 and all(type(v) is int for v in self.shard)
+            and 0 <= self.shard[0] < self.shard[1] <= MAX_SHARDS
+        ):
+            raise ProtocolError("bad-value", f"field 'shard' must be [index, count] with 0 <= index < count <= {MAX_SHARDS};"
+                                f" got {echo(self.shard)}", name="shard")
 
     @classmethod
     def from_wire(cls, header, body):
         no_body(cls.VERB, body)
+        shard = header.get("shard") or ()
         return cls(int_field(header, "id"), field_value(header, "client"), header.get("hb", 0.0),
-                   header.get("reset") is True)
+                   header.get("reset") is True, tuple(shard) if isinstance(shard, list) else shard)
 
     def header(self):
         header = {"id": self.id, "client": self.client}
@@ -60,6 +71,8 @@ class Hello(Request):
             header["hb"] = self.heartbeat
         if self.reset:
             header["reset"] = True
+        if self.shard:
+            header["shard"] = list(self.shard)
         return header
 
 
