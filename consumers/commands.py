@@ -20,20 +20,25 @@ DEFAULT_BROKER_URL = "tcp://127.0.0.1:5555"
 
 
 class BrokerUrl(click.ParamType):
-    """A broker URL to connect to: tcp://HOST:PORT, ipc://PATH or inproc://NAME."""
+    """A broker URL to connect to (tcp://HOST:PORT, ipc://PATH or inproc://NAME), or several
+    separated by commas: the brokers of a sharded bus, in the order every client uses."""
 
-    name = "url"
+    name = "url[,url...]"
 
     def convert(self, value, param, ctx):
         value = str(value)
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
-            self.fail(f"{value!r} is not a broker URL; use tcp://HOST:PORT such as {DEFAULT_BROKER_URL}", param, ctx)
-        if scheme == "tcp":
-            host, colon, port = rest.rpartition(":")
-            if not colon or not host or not (port.isdigit() and 0 < int(port) < 65536):
-                self.fail(f"{value!r} needs a host and a port from 1 to 65535, as in {DEFAULT_BROKER_URL}", param, ctx)
-        return value
+        urls = [url.strip() for url in value.split(",")]
+        for url in urls:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+                self.fail(f"{url!r} is not a broker URL; use tcp://HOST:PORT such as {DEFAULT_BROKER_URL}", param, ctx)
+            if scheme == "tcp":
+                host, colon, port = rest.rpartition(":")
+                if not colon or not host or not (port.isdigit() and 0 < int(port) < 65536):
+                    self.fail(f"{url!r} needs a host and a port from 1 to 65535, as in {DEFAULT_BROKER_URL}", param, ctx)
+        if len(set(urls)) != len(urls):
+            self.fail(f"{value!r} names a broker twice", param, ctx)
+        return ",".join(urls)
 
 
 class BusName(click.ParamType):
@@ -100,7 +105,9 @@ _AT_LEAST_ONE = click.IntRange(min=1)
 
 _broker_option = click.option(
     "--broker", "url", type=BROKER_URL, default=DEFAULT_BROKER_URL, show_default=True,
-    envvar="CHANNELBUS_BROKER", show_envvar=True, help="URL of the broker (its command endpoint).")
+    envvar="CHANNELBUS_BROKER", show_envvar=True,
+    help="URL of the broker (its command endpoint); several, separated by commas, for a sharded"
+         " bus: every client must list the same brokers in the same order.")
 
 
 def _key_options(command):
@@ -255,7 +262,8 @@ def listen(channel, group, count, url, timeout, **keys) -> None:
 def stats(url, timeout, top, as_json, watch, **keys) -> None:
     """Show the broker's figures: clients, channels by depth, groups, message rates,
     refusals, where every accepted message is now (queued, in flight, acknowledged, expired,
-    flushed or dropped: the "accounted" line, which must add up), memory held and uptime."""
+    flushed or dropped: the "accounted" line, which must add up), memory held and uptime.
+    With several brokers (--broker a,b,c): the totals, then a line per broker."""
     from .debug import format_stats
 
     previous = None

@@ -145,7 +145,8 @@ def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = 
         return json.dumps({**sample, "rates": per_second}, sort_keys=True)
     counters = sample["counters"]
     lines = [
-        f"channelbus broker: up {_duration(sample['uptime'])}, {sample['clients']} client(s),"
+        (f"channelbus, {len(sample['brokers'])} brokers (totals):" if sample.get("brokers") else "channelbus broker:")
+        + f" up {_duration(sample['uptime'])}, {sample['clients']} client(s),"
         f" memory {_size(sample['bytes_held'])} of {_size(sample['max_memory'])}",
         f"messages: received {counters['received']}, delivered {counters['delivered']}"
         + (f" ({per_second['in_per_s']:.1f}/s in, {per_second['out_per_s']:.1f}/s out)" if per_second else ""),
@@ -172,6 +173,13 @@ def format_stats(sample: dict, previous: dict | None = None, *, as_json: bool = 
     by_key = sample.get("forbidden_by_key") or {}
     if by_key:  # (a broker with a permissions file refused something)
         lines.append("forbidden by key: " + ", ".join(f"{key} {n}" for key, n in sorted(by_key.items())))
+    for index, broker in enumerate(sample.get("brokers") or ()):  # (a sharded bus: each broker)
+        c = broker["counters"]
+        lines.append(
+            f"broker {index + 1} {broker['url']}: {broker['clients']} client(s), received {c['received']},"
+            f" delivered {c['delivered']}, queued {broker['queued']}, in flight {broker['inflight']},"
+            f" groups {broker['groups']}, memory {_size(broker['bytes_held'])}, up {_duration(broker['uptime'])}"
+        )
     caught, missed = counters.get("busy_polled", 0), counters.get("busy_poll_missed", 0)
     if caught or missed:  # (only a broker run with --busy-poll counts these)
         lines.append(f"busy poll: {caught} command(s) caught without a wake-up, {missed} poll(s)"
