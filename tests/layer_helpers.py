@@ -21,17 +21,33 @@ QUIET_SECONDS = 0.3  # a message that should not come has had this long to come
 DISCONNECT_SECONDS = 5.0
 
 
-@pytest.fixture
-def layer_factory(broker):
-    """``layer_factory(**config)``: a BusChannelLayer on ``broker`` (hosts filled in)."""
+def _factory(hosts: list[str]):
     layers: list[BusChannelLayer] = []
 
     def make(**config) -> BusChannelLayer:
-        config.setdefault("hosts", [broker.url])
+        config.setdefault("hosts", hosts)
         layer = BusChannelLayer(**config)
         layers.append(layer)
         return layer
 
+    return make, layers
+
+
+@pytest.fixture
+def layer_factory(broker):
+    """``layer_factory(**config)``: a BusChannelLayer on ``broker`` (hosts filled in)."""
+    make, layers = _factory([broker.url])
+    yield make
+    for layer in layers:
+        assert not layer._clients, f"a layer still holds clients for open loops: {layer._clients}"
+
+
+@pytest.fixture(params=[1, 3], ids=["1-broker", "3-brokers"])
+def sharded_layer_factory(request, broker, broker_factory):
+    """``layer_factory`` on one broker (``broker``), then on three: ``broker`` and two more,
+    as a sharded bus (the layer's conformance runs on both)."""
+    hosts = [broker.url] + [broker_factory().url for _ in range(request.param - 1)]
+    make, layers = _factory(hosts)
     yield make
     for layer in layers:
         assert not layer._clients, f"a layer still holds clients for open loops: {layer._clients}"
