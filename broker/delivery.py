@@ -61,6 +61,7 @@ class Peer:
     heartbeat: float = 0.0  # seconds between the client's heartbeats; 0: it sends none
     last_seen: float = 0.0
     key: str | None = None  # the name of the CURVE key its connection authenticated with
+    keep: bool = False  # its client id outlives the connection (HELLO keep): forgetting it keeps its channels
 
     @property
     def inflight(self) -> dict[str, int]:

@@ -201,10 +201,13 @@ class Router(GroupRouting, AccessControl):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _forget(self, peer: Peer) -> list[Out]:
-        """Drop a peer and everything of its; answer GADDs that waited for it."""
-        self.delivery.forget(peer, drop_specific=True)
-        return self._forget_groups(peer.client)
+    def _forget(self, peer: Peer, keep: bool = False) -> list[Out]:
+        """Drop a peer and everything of its; answer GADDs that waited for it. A peer whose
+        client id outlives the connection (HELLO or BYE ``keep``), however it went, leaves its
+        process-specific channels (messages, memberships) for the id's next connection."""
+        keep = keep or peer.keep
+        self.delivery.forget(peer, drop_specific=not keep)
+        return self._forget_groups(peer.client, drop=not keep)
 
     def _strike(self, rid: bytes, err: ProtocolError, now: float, request_id=None) -> list[Out]:
         self.stats["bad_frames"] += 1
@@ -297,7 +300,7 @@ class Router(GroupRouting, AccessControl):
         if not resumed:
             delivery.peers[rid] = Peer(rid, cmd.client, key=key)
         peer = delivery.peers[rid]
-        peer.heartbeat, peer.last_seen = cmd.heartbeat, now
+        peer.heartbeat, peer.last_seen, peer.keep = cmd.heartbeat, now, cmd.keep
         if resumed and cmd.reset:
             out += delivery.reset(peer)  # what its lost connection carried goes out again
         delivery.by_client[cmd.client] = rid
@@ -465,7 +468,4 @@ class Router(GroupRouting, AccessControl):
         return []  # (handle() has noted the peer as seen)
 
     def _bye(self, peer: Peer, cmd: wire.Bye, now: float) -> list[Out]:
-        if cmd.keep:  # the client id carries on in another connection: its channels stay
-            self.delivery.forget(peer, drop_specific=False)
-            return self._forget_groups(peer.client, drop=False)
-        return self._forget(peer)
+        return self._forget(peer, keep=cmd.keep)  # (keep: the id carries on; its channels stay)

@@ -22,9 +22,10 @@ channels_redis: the names carry the layer's own client id, which one client at a
 (the first loop's, while it lives; then the next loop's that needs it). Receiving from such a
 channel, or adding it to a group, on another loop is done by that client on its own loop
 (``run_coroutine_threadsafe``); with no holder, the calling loop's client takes the id over. A
-holder that closes (its loop ends) says BYE with ``keep``: the broker keeps the channels'
-messages, including those it had pushed and were not received, and memberships for the next
-holder (group messages published while no loop holds the id are not kept: nothing subscribes).
+holder says HELLO with ``keep``: however its connection ends (its loop closes, or it vanishes),
+the broker keeps the channels' messages, including those it had pushed and were not received,
+and memberships for the next holder (group messages published while no loop holds the id are
+not kept: nothing subscribes).
 
 Errors follow the layer specification: ``channels.exceptions.ChannelFull`` from ``send``,
 ``TypeError`` for an invalid name; every other bus error is a ``clients.BusError``.

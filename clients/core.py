@@ -206,7 +206,7 @@ class ClientCore(Inbound):
         """HELLO, promising heartbeats every ``heartbeat`` seconds (0: none). After the first,
         it asks the broker to ``reset`` what it pushed on the lost connection (sent again)."""
         return self._build(wire.Hello, client=self.client_id, heartbeat=heartbeat, reset=bool(self.limits),
-                           shard=self.shard)
+                           shard=self.shard, keep=self.resumable)
 
     def flush(self) -> tuple[int, list[bytes]]:
         return self._build(wire.Flush)

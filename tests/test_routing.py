@@ -1375,3 +1375,22 @@ def test_a_plain_bye_still_drops_the_channels_of_a_client_that_is_gone():
     first.bye()
     assert router.stats["dropped_owner_gone"] == 1
     router.check()
+
+
+def test_a_connection_whose_client_id_outlives_it_keeps_its_channels_however_it_goes():
+    """HELLO keep (a channel layer's holder of its id): a connection that vanishes before its
+    BYE is read, or falls silent, leaves its channels for the id's next connection."""
+    router = Router()
+    holder = FakeClient(router, b"r1", A_ID)
+    holder.raw(wire.Hello(1, A_ID, 1.0, keep=True).frames())
+    sender = FakeClient(router, b"s", B_ID)
+    sender.hello()
+    sender.send(A_SPECIFIC, 1)  # pushed to the holder, never acknowledged
+    router.peer_gone(b"r1")  # (its connection vanished: the broker could not send to it)
+    assert router.stats["dropped_owner_gone"] == 0
+    again = FakeClient(router, b"r2", A_ID)
+    outs = again.raw(wire.Hello(1, A_ID, 1.0, keep=True).frames(), 1.0)
+    assert [number(b) for o in outs if o.dest == b"r2" and o.frames[0] == wire.MSG for b in o.frames[2:]] == [1]
+    router.heartbeat(100.0)  # (silent for longer than its heartbeats allow: forgotten, still kept)
+    assert b"r2" not in router.peers and router.stats["dropped_owner_gone"] == 0
+    router.check()

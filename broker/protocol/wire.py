@@ -44,6 +44,7 @@ class Hello(Request):
     heartbeat: float = 0.0
     reset: bool = False  # a client back after a dropped connection: resend what it was pushed
     shard: tuple = ()  # (index, count): this broker's place in the client's list of brokers
+    keep: bool = False  # the client id outlives this connection: when it goes, keep its channels
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,7 +64,8 @@ class Hello(Request):
         no_body(cls.VERB, body)
         shard = header.get("shard") or ()
         return cls(int_field(header, "id"), field_value(header, "client"), header.get("hb", 0.0),
-                   header.get("reset") is True, tuple(shard) if isinstance(shard, list) else shard)
+                   header.get("reset") is True, tuple(shard) if isinstance(shard, list) else shard,
+                   header.get("keep") is True)
 
     def header(self):
         header = {"id": self.id, "client": self.client}
@@ -73,6 +75,8 @@ class Hello(Request):
             header["reset"] = True
         if self.shard:
             header["shard"] = list(self.shard)
+        if self.keep:
+            header["keep"] = True
         return header
 
 
