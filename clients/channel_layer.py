@@ -78,7 +78,8 @@ class BusChannelLayer(BaseChannelLayer):
         if kwargs:
             raise TypeError(f"unknown BusChannelLayer CONFIG keys: {', '.join(sorted(kwargs))}")
         self.hosts = list(hosts)
-        curve_options(secret_key, server_key)  # (a key that cannot be used fails here, not at first use)
+        for each in (server_key if isinstance(server_key, (list, tuple)) else [server_key]):
+            curve_options(secret_key, each)  # (a key that cannot be used fails here, not at first use)
         self._keys = {"secret_key": secret_key, "server_key": server_key}
         self.prefix = prefix
         self.group_expiry = group_expiry

@@ -13,6 +13,9 @@ clients: a process-specific channel that is a member of groups on other brokers 
 messages in the same queue as its own. A message pushed by a broker is acknowledged to that
 broker (its queue entry remembers which core took it).
 
+With CURVE keys, ``server_key`` is one key all brokers use, or a list of each broker's own
+public key in the order of the brokers; ``secret_key`` is this client's, for all of them.
+
 Faults stay local: a broker that is down costs the names placed on it (``BrokerUnavailable``
 within the timeout); the others go on, and a per-broker client whose broker comes back replays
 its registrations there as a single client does.
@@ -32,6 +35,21 @@ from .errors import BusError, ReceiveTimeout
 from .placement import broker_of_channel, broker_of_group
 
 SYNC_SLICE = 0.005  # seconds a blocking receive waits on its channel's broker before looking at the others
+
+
+def _per_broker(urls: list[str], settings: dict) -> list[dict]:
+    """Each broker's settings: the same for all, except ``server_key``, which may be a list
+    (each broker's own public key, in the order of the brokers) or one key they all use."""
+    server_key = settings.pop("server_key", None)
+    if isinstance(server_key, (list, tuple)):
+        if len(server_key) != len(urls):
+            raise BusError(f"server_key lists {len(server_key)} keys for {len(urls)} brokers: give one key"
+                           " for all, or one per broker in the order of the brokers")
+        keys = list(server_key)
+    else:
+        keys = [server_key] * len(urls)
+    return [{**settings, "shard": (index, len(urls)), **({"server_key": key} if key is not None else {})}
+            for index, key in enumerate(keys)]
 
 
 def _share_inbox(clients) -> None:
@@ -84,9 +102,8 @@ class ShardedAsyncClient:
         self.urls = list(urls)
         self.timeout = settings.get("timeout", 10.0)
         client_id = settings.pop("client_id", None) or secrets.token_hex(6)
-        count = len(self.urls)
-        self.clients = [client_class(url, client_id=client_id, shard=(index, count), **settings)
-                        for index, url in enumerate(self.urls)]
+        self.clients = [client_class(url, client_id=client_id, **each)
+                        for url, each in zip(self.urls, _per_broker(self.urls, settings))]
         _share_inbox(self.clients)
         first = self.clients[0]
         for client in self.clients[1:]:
@@ -188,11 +205,10 @@ class ShardedClient:
         self.urls = list(urls)
         self.timeout = settings.get("timeout", 10.0)
         client_id = settings.pop("client_id", None) or secrets.token_hex(6)
-        count = len(self.urls)
         self.clients = []
         try:
-            for index, url in enumerate(self.urls):
-                self.clients.append(client_class(url, client_id=client_id, shard=(index, count), **settings))
+            for url, each in zip(self.urls, _per_broker(self.urls, settings)):
+                self.clients.append(client_class(url, client_id=client_id, **each))
         except BaseException:
             for client in self.clients:
                 client.close()

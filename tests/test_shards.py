@@ -15,7 +15,7 @@ import pytest
 from clients import AsyncClient, BrokerError, BrokerUnavailable, BusError, Client
 from clients.placement import broker_of_channel, broker_of_group
 from clients.shards import ShardedAsyncClient, ShardedClient
-from test_security import channelbus
+from test_security import channelbus, keys  # noqa: F401 (keys: the fixture)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -161,3 +161,25 @@ def test_stats_shows_each_broker_and_the_totals(three):
     assert "received 30," in shown.stdout
     for index, url in enumerate(urls):
         assert any(line.startswith(f"broker {index + 1} {url}:") for line in lines)
+
+
+def test_a_sharded_bus_with_curve_keys_one_per_broker(keys, broker_factory):  # noqa: F811
+    """Each broker its own key pair; the client's server_key lists them in the brokers' order."""
+    import zmq.auth
+
+    brokers, publics = [], []
+    for n in range(2):
+        zmq.auth.create_certificates(str(keys.root), f"broker{n}")
+        brokers.append(broker_factory(secret_key=str(keys.root / f"broker{n}.key_secret"),
+                                      authorized_keys=str(keys.authorized)))
+        publics.append(str(keys.root / f"broker{n}.key"))
+    urls = urls_of(brokers)
+    secret = keys.client("web")["secret_key"]
+    with Client(urls, secret_key=secret, server_key=publics) as bus:
+        names = [f"key.channel.{n}" for n in range(20)]
+        for name in names:
+            bus.send(name, {"type": "k", "name": name})
+        assert [bus.receive(name, timeout=5)["name"] for name in names] == names
+        assert {broker_of_channel(name, 2) for name in names} == {0, 1}
+    with pytest.raises(BusError, match="lists 1 keys for 2 brokers"):
+        Client(urls, secret_key=secret, server_key=publics[:1])
