@@ -95,22 +95,26 @@ def _merge_stats(samples: list[dict], urls: list[str]) -> dict:
     return total
 
 
-class ShardedAsyncClient:
-    """``AsyncClient`` over several brokers (see the module docstring); the same API."""
+class _Shards:
+    """What both sharded clients share: the per-broker clients, placement, and the calls that
+    need no I/O."""
 
-    def __init__(self, urls: list[str], client_class, **settings) -> None:
+    def _make(self, urls, client_class, settings: dict) -> None:
         self.urls = list(urls)
         self.timeout = settings.get("timeout", 10.0)
         client_id = settings.pop("client_id", None) or secrets.token_hex(6)
-        self.clients = [client_class(url, client_id=client_id, **each)
-                        for url, each in zip(self.urls, _per_broker(self.urls, settings))]
+        self.clients = []
+        try:
+            for url, each in zip(self.urls, _per_broker(self.urls, settings)):
+                self.clients.append(client_class(url, client_id=client_id, **each))
+        except BaseException:
+            for client in self.clients:
+                result = client.close()
+                if asyncio.iscoroutine(result):
+                    result.close()  # (an AsyncClient never connected holds no sockets)
+            raise
         _share_inbox(self.clients)
-        first = self.clients[0]
-        for client in self.clients[1:]:
-            client._arrivals = first._arrivals  # (a group message from any broker wakes receivers)
-        self._core = first._core  # (the client id, the shared queues: what the layer looks at)
-
-    # -- placement ------------------------------------------------------------------------
+        self._core = self.clients[0]._core  # (the client id, the shared queues)
 
     def _for_channel(self, channel: str):
         return self.clients[broker_of_channel(channel, len(self.clients))]
@@ -118,7 +122,34 @@ class ShardedAsyncClient:
     def _for_group(self, group: str):
         return self.clients[broker_of_group(group, len(self.clients))]
 
-    # -- connecting -----------------------------------------------------------------------
+    def add_listener(self, listener) -> None:
+        for client in self.clients:
+            client.add_listener(listener)
+
+    @property
+    def client_id(self) -> str:
+        return self._core.client_id
+
+    @property
+    def counters(self) -> dict:
+        totals: dict = {}
+        for client in self.clients:
+            for key, value in client.counters.items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def new_channel(self, prefix: str = "specific") -> str:
+        return self.clients[0].new_channel(prefix)
+
+
+class ShardedAsyncClient(_Shards):
+    """``AsyncClient`` over several brokers (see the module docstring); the same API."""
+
+    def __init__(self, urls: list[str], client_class, **settings) -> None:
+        self._make(urls, client_class, settings)
+        first = self.clients[0]
+        for client in self.clients[1:]:
+            client._arrivals = first._arrivals  # (a group message from any broker wakes receivers)
 
     async def connect(self) -> None:
         """Connect to every broker. Raises only if none can be reached: a broker that is down
@@ -145,32 +176,11 @@ class ShardedAsyncClient:
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
 
-    def add_listener(self, listener) -> None:
-        for client in self.clients:
-            client.add_listener(listener)
-
-    @property
-    def client_id(self) -> str:
-        return self._core.client_id
-
-    @property
-    def counters(self) -> dict:
-        totals: dict = {}
-        for client in self.clients:
-            for key, value in client.counters.items():
-                totals[key] = totals.get(key, 0) + value
-        return totals
-
-    # -- the API ---------------------------------------------------------------------------
-
     async def send(self, channel: str, message: dict) -> None:
         await self._for_channel(channel).send(channel, message)
 
     async def receive(self, channel: str, timeout: float | None = None) -> dict:
         return await self._for_channel(channel).receive(channel, timeout)
-
-    def new_channel(self, prefix: str = "specific") -> str:
-        return self.clients[0].new_channel(prefix)
 
     async def group_add(self, group: str, channel: str) -> None:
         _check_member(len(self.clients), group, channel)
@@ -196,31 +206,13 @@ class ShardedAsyncClient:
         self._for_channel(channel)._give_back(channel, message)
 
 
-class ShardedClient:
+class ShardedClient(_Shards):
     """``Client`` over several brokers (see the module docstring); the same API. A receive
     waits on its channel's broker in slices of SYNC_SLICE seconds, and between them takes in
     what the other brokers sent (group messages for its channel may come from any of them)."""
 
     def __init__(self, urls: list[str], client_class, **settings) -> None:
-        self.urls = list(urls)
-        self.timeout = settings.get("timeout", 10.0)
-        client_id = settings.pop("client_id", None) or secrets.token_hex(6)
-        self.clients = []
-        try:
-            for url, each in zip(self.urls, _per_broker(self.urls, settings)):
-                self.clients.append(client_class(url, client_id=client_id, **each))
-        except BaseException:
-            for client in self.clients:
-                client.close()
-            raise
-        _share_inbox(self.clients)
-        self._core = self.clients[0]._core
-
-    def _for_channel(self, channel: str):
-        return self.clients[broker_of_channel(channel, len(self.clients))]
-
-    def _for_group(self, group: str):
-        return self.clients[broker_of_group(group, len(self.clients))]
+        self._make(urls, client_class, settings)
 
     def __enter__(self):
         return self
@@ -231,22 +223,6 @@ class ShardedClient:
     def close(self) -> None:
         for client in self.clients:
             client.close()
-
-    def add_listener(self, listener) -> None:
-        for client in self.clients:
-            client.add_listener(listener)
-
-    @property
-    def client_id(self) -> str:
-        return self._core.client_id
-
-    @property
-    def counters(self) -> dict:
-        totals: dict = {}
-        for client in self.clients:
-            for key, value in client.counters.items():
-                totals[key] = totals.get(key, 0) + value
-        return totals
 
     def send(self, channel: str, message: dict) -> None:
         self._for_channel(channel).send(channel, message)
@@ -265,9 +241,6 @@ class ShardedClient:
                 if left is not None and left <= SYNC_SLICE:
                     raise ReceiveTimeout(f"no message on {channel!r} within {timeout:g} s",
                                          channel=channel, timeout=timeout) from None
-
-    def new_channel(self, prefix: str = "specific") -> str:
-        return self.clients[0].new_channel(prefix)
 
     def group_add(self, group: str, channel: str) -> None:
         _check_member(len(self.clients), group, channel)
