@@ -1,10 +1,18 @@
-"""The broker process: the only module in broker/ that touches sockets.
+"""The broker process: with ``security`` (the ZAP handler's thread) and ``metrics`` (the HTTP
+thread), the only modules in broker/ that touch sockets.
 
 One thread runs ``BrokerServer.serve()``: it polls the ROUTER (commands in, replies and channel
 messages out) and the XPUB (group topics out), feeds each message to ``routing.Router`` with the
 monotonic clock, sends what it returns with NOBLOCK, and calls ``Router.tick`` every
 ``TICK_SECONDS``. A MSG the socket cannot take now goes back to its inbox; one for a vanished
 peer (ROUTER_MANDATORY makes that an error, not silence) makes the broker forget that peer.
+
+Before every batch of commands it takes in the publisher's subscriptions, so that a GADD's
+marker follows the subscription it proves. With ``secret_key`` both sockets are CURVE servers
+and the router is told the key name (ZAP ``User-Id``) of each new connection; with
+``permissions`` the XPUB is manual and a subscription applies only if its key may read the
+group (``_subscription``). SIGHUP (``reload_permissions``) reloads the permissions at the next
+tick; with ``metrics`` a scrape is answered from a snapshot taken at a tick.
 """
 
 from __future__ import annotations
@@ -172,7 +180,7 @@ class BrokerServer:
             sock.curve_secretkey = self._curve_secret
             sock.zap_domain = ZAP_DOMAIN.encode()
         if kind == zmq.XPUB and self.config.permissions:
-            sock.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions apply once allowed (_subscriptions)
+            sock.setsockopt(zmq.XPUB_MANUAL, 1)  # a subscription applies once allowed (_subscription)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
