@@ -145,10 +145,10 @@ def test_the_keys_settings_add_the_keys_to_the_base_channel_layer(chat_keys, sit
     base = importlib.import_module("chatsite.settings")
     assert keyed.CHANNEL_LAYERS["default"] == {
         "BACKEND": "clients.channel_layer.BusChannelLayer",
-        "CONFIG": {"hosts": [url], "secret_key": str(chat_keys.root / "chatsite.key_secret"),
+        "CONFIG": {"hosts": url, "secret_key": str(chat_keys.root / "chatsite.key_secret"),
                    "server_key": z85},  # (a Z85 key is taken as it is)
     }
-    assert base.CHANNEL_LAYERS["default"]["CONFIG"] == {"hosts": [url]}  # untouched
+    assert base.CHANNEL_LAYERS["default"]["CONFIG"] == {"hosts": url}  # untouched
     assert keyed.ASGI_APPLICATION == base.ASGI_APPLICATION and keyed.INSTALLED_APPS == base.INSTALLED_APPS
 
 

@@ -73,14 +73,15 @@ def _read_lines(stdin: TextIO, loop: asyncio.AbstractEventLoop, lines: asyncio.Q
 
 
 async def run_chat(room: str, name: str, url: str, stdin: TextIO = sys.stdin,
-                   out: Callable[[str], None] = _print) -> None:
-    """Chat in ``room`` until stdin ends or SIGINT/SIGTERM; announce the join and the leave."""
+                   out: Callable[[str], None] = _print, **client_settings) -> None:
+    """Chat in ``room`` until stdin ends or SIGINT/SIGTERM; announce the join and the leave.
+    ``client_settings`` go to the AsyncClient (e.g. CURVE keys)."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue = asyncio.Queue()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, lines.put_nowait, None)
     participant = Participant(room, name, out)
-    async with AsyncClient(url) as client:
+    async with AsyncClient(url, **client_settings) as client:
         runner = Runner(client, [participant])
         await runner.start()
         threading.Thread(target=_read_lines, args=(stdin, loop, lines), daemon=True).start()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from clients import ChannelFull, Client, ReceiveTimeout
 
+from examples import client_keys
+
 from . import JOBS
 from .jobs import digest
 
@@ -40,11 +42,13 @@ class Report:
         return self.results == self.jobs and not (self.duplicates or self.wrong or self.missing)
 
 
-def produce(url: str, jobs: int, *, rounds: int = 100, window: int = 50, timeout: float = 30.0) -> Report:
-    """Run ``jobs`` jobs through the workers; return what came back."""
+def produce(url: str, jobs: int, *, rounds: int = 100, window: int = 50, timeout: float = 30.0,
+            **client_settings) -> Report:
+    """Run ``jobs`` jobs through the workers; return what came back. ``client_settings`` go to
+    the Client (e.g. CURVE keys)."""
     report = Report(jobs)
     started = time.monotonic()
-    with Client(url) as bus:
+    with Client(url, **client_settings) as bus:
         reply_to = bus.new_channel()
         expected: dict[int, str] = {}
         done: set[int] = set()
@@ -94,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="give up after this many seconds without a result (default 30)")
     parser.add_argument("--broker", default=os.environ.get("CHANNELBUS_BROKER", "tcp://127.0.0.1:5555"),
-                        help="broker URL (default: $CHANNELBUS_BROKER or tcp://127.0.0.1:5555)")
+                        help="broker URL, or several comma-separated (default: $CHANNELBUS_BROKER or"
+                             " tcp://127.0.0.1:5555); CURVE keys from $CHANNELBUS_SECRET_KEY and"
+                             " $CHANNELBUS_SERVER_KEY")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)
-    report = produce(args.broker, args.jobs, rounds=args.rounds, window=args.window, timeout=args.timeout)
+    report = produce(args.broker, args.jobs, rounds=args.rounds, window=args.window, timeout=args.timeout,
+                     **client_keys())
     if args.json:
         print(json.dumps({
             "jobs": report.jobs, "results": report.results, "duplicates": report.duplicates,

@@ -2,7 +2,8 @@
 
 Environment variables:
 
-- ``CHANNELBUS_BROKER``: the broker URL (default ``tcp://127.0.0.1:5555``).
+- ``CHANNELBUS_BROKER``: the broker URL (default ``tcp://127.0.0.1:5555``), or several,
+  comma-separated, for a sharded bus.
 - ``DJANGO_SECRET_KEY``, ``DJANGO_DEBUG`` (``1`` or ``0``, default ``1``),
   ``DJANGO_ALLOWED_HOSTS`` (comma separated, default ``127.0.0.1,localhost``).
 
@@ -51,7 +52,7 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "clients.channel_layer.BusChannelLayer",
         "CONFIG": {
-            "hosts": [os.environ.get("CHANNELBUS_BROKER", "tcp://127.0.0.1:5555")],
+            "hosts": os.environ.get("CHANNELBUS_BROKER", "tcp://127.0.0.1:5555"),  # (a,b: sharded)
         },
     },
 }
