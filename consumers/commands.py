@@ -281,7 +281,7 @@ def stats(url, timeout, top, as_json, watch, **keys) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name", type=click.Choice(["core", "layers", "soak", "bytecodes", "chaos"]), default="core")
+@click.argument("name", type=click.Choice(["core", "layers", "soak", "bytecodes", "chaos", "shards"]), default="core")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(name, args) -> None:
     """Run benchmarks/NAME.py from this checkout with ARGS (channelbus bench core --repeat 3;
@@ -292,8 +292,10 @@ def bench(name, args) -> None:
     restarts; bytecodes: the Python work per message in the broker and a client, counted (not
     timed); chaos: the randomized system test (channelbus bench chaos -- --minutes 10), rounds of
     random senders, receivers, pauses, CPU contention and broker kills, judged for lost,
-    doubled or unaccounted messages. Each prints its figures and ratios (chaos: a line per round
-    and a table); see docs/performance.md and docs/guarantees.md.
+    doubled or unaccounted messages; shards: 1, 2 and 4 brokers (a sharded bus) loaded by several
+    client processes (aggregate messages/s, round trip, CPU per message of each broker and of the
+    clients). Each prints its figures and ratios (chaos: a line per round and a table); see
+    docs/performance.md and docs/guarantees.md.
     """
     import os
     import runpy
