@@ -281,7 +281,7 @@ def stats(url, timeout, top, as_json, watch, **keys) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name", type=click.Choice(["core", "layers", "soak", "bytecodes", "chaos", "shards"]), default="core")
+@click.argument("name", type=click.Choice(["core", "layers", "soak", "bytecodes", "chaos", "shards", "hosts"]), default="core")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(name, args) -> None:
     """Run benchmarks/NAME.py from this checkout with ARGS (channelbus bench core --repeat 3;
@@ -294,7 +294,9 @@ def bench(name, args) -> None:
     random senders, receivers, pauses, CPU contention and broker kills, judged for lost,
     doubled or unaccounted messages; shards: 1, 2 and 4 brokers (a sharded bus) loaded by several
     client processes (aggregate messages/s, round trip, CPU per message of each broker and of the
-    clients). Each prints its figures and ratios (chaos: a line per round and a table); see
+    clients); hosts: a sharded bus across three Linux network namespaces (as root; the chat, a
+    work channel with two workers, round trips, against one host). Each prints its figures and
+    ratios (chaos: a line per round and a table); see
     docs/performance.md and docs/guarantees.md.
     """
     import os

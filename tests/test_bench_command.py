@@ -74,3 +74,18 @@ def test_the_bytecode_count_counts_the_broker_and_a_client():
     assert set(counts) == {"broker, per hop", "client, per round trip"}, output
     assert all(count > 100 for count in counts.values()), output  # (the hot path ran, and was counted)
     assert "broker/routing.py:handle" in output or "broker/delivery.py" in output, output
+
+
+@pytest.mark.timeout(120)
+def test_the_shards_benchmark_runs_one_and_two_brokers_to_completion():
+    returncode, output = run_benchmark("shards.py", "--brokers", "1,2", "--messages", "2000", "--seconds", "60")
+    assert returncode == 0, output
+    for n in (1, 2):
+        assert f"{n} broker{'s' if n > 1 else ''}: " in output and "2,000 of 2,000 received" in output, output
+    assert "per broker" in output and "model" in output, output
+
+
+def test_bench_hosts_and_shards_are_known_benchmarks():
+    for name in ("shards", "hosts"):
+        result = CliRunner().invoke(main, ["bench", name, "--", "--help"])
+        assert result.exit_code == 0, result.output
