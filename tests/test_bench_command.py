@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,16 +49,17 @@ def test_bench_refuses_an_unknown_benchmark():
 
 
 @pytest.mark.timeout(90)
-def test_the_core_benchmark_runs_all_four_set_ups_to_completion():
+def test_the_core_benchmark_runs_all_six_set_ups_to_completion():
     """A tiny run of the real thing: the forwarder, the asyncio floor, a broker with its defaults
-    and one busy-polling, each with a sender and a receiver process; every message arrives in
-    order (exit status 0)."""
+    and one busy-polling, and the forwarder and the broker with CURVE keys, each with a sender
+    and a receiver process; every message arrives in order (exit status 0)."""
     returncode, output = run_benchmark("core.py", "--messages", "300", "--rtt", "30", "--warmup", "5",
                                        "--busy-poll", "300", "--timeout", "60")
     assert returncode == 0, output
     for row in ("reference (pyzmq forwarder)", "asyncio floor (same, asyncio)", "bus (AsyncClient + broker)",
                 "bus, broker --busy-poll 300", "bus / reference", "--busy-poll 300 / reference",
-                "asyncio floor / reference"):
+                "asyncio floor / reference", "reference, CURVE", "bus, CURVE", "reference CURVE / plain",
+                "bus CURVE / plain", "what CURVE added"):
         assert row in output, output
     assert "OUT OF ORDER" not in output and "only " not in output, output
 
@@ -89,3 +91,14 @@ def test_bench_hosts_and_shards_are_known_benchmarks():
     for name in ("shards", "hosts"):
         result = CliRunner().invoke(main, ["bench", name, "--", "--help"])
         assert result.exit_code == 0, result.output
+
+
+@pytest.mark.timeout(120)
+def test_the_layers_benchmark_measures_the_bus_layer_with_curve_keys_beside_the_plain_one():
+    pytest.importorskip("channels_redis", reason="the layers benchmark needs channels_redis (the bench extra)")
+    if shutil.which("redis-server") is None:
+        pytest.skip("the layers benchmark needs redis-server (apt-get install redis-server)")
+    returncode, output = run_benchmark("layers.py", "--quick", "--layers", "bus,bus-curve", "--scenarios",
+                                       "p2p,rtt", "-r", "1", "--timeout", "90", timeout=110)
+    assert returncode == 0, output
+    assert "BusChannelLayer, CURVE" in output and "bus-curve / bus" in output, output
