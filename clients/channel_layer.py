@@ -196,7 +196,10 @@ class BusChannelLayer(BaseChannelLayer):
         client = await self._holder()
         if client is not None:
             return await getattr(client, method)(*args)
-        loop, client = self._home
+        home = self._home
+        if home is None:  # (its loop let go of it meanwhile: this loop takes it)
+            return await self._as_holder(method, *args)
+        loop, client = home
         if not loop.is_running() or loop.is_closed():
             raise BusError(
                 "this layer's process-specific channels are held by the client of an event loop"
