@@ -44,6 +44,7 @@ from .messages import pack_message, unpack_message
 
 log = logging.getLogger("channelbus.client")
 TAKEN_KEEP_SECONDS = 30.0  # how long a group member channel's takes are remembered (its depth then)
+TAKEN_KEPT = 4096  # takes remembered per member channel at most (capacities above it: judged leniently)
 TAKEN_CHANNELS_KEPT = 10_000  # member channels whose takes are remembered, before idle ones go
 
 
@@ -298,7 +299,7 @@ class Inbound:
             if len(self.taken_at) >= TAKEN_CHANNELS_KEPT:
                 for idle in [c for c, t in self.taken_at.items() if not t]:
                     del self.taken_at[idle]  # (in place: a sharded client's cores share the dict)
-            self.taken_at[channel] = deque()
+            self.taken_at[channel] = deque(maxlen=TAKEN_KEPT)
             return 0
         while taken and taken[0] < now - TAKEN_KEEP_SECONDS:
             taken.popleft()
