@@ -54,12 +54,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 
 HERE = os.path.abspath(__file__)
@@ -75,6 +71,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 from corebench import bus, reference  # noqa: E402
+from corebench.children import Child, cpu_seconds, host_cpu_seconds  # noqa: E402
 from corebench.common import HOST, PAYLOAD_SIZE  # noqa: E402
 
 ROLES = {
@@ -86,79 +83,6 @@ ROLES = {
 
 
 # -- parent side ------------------------------------------------------------------------------
-
-class Child:
-    """A subprocess speaking JSON lines on stdout; stopped by PID."""
-
-    def __init__(self, name: str, argv: list[str], profile_dir: str | None, env: dict):
-        self.name = name
-        prefix = [sys.executable]
-        if profile_dir:
-            prefix += ["-m", "cProfile", "-o", os.path.join(profile_dir, f"{name}.prof")]
-        self.proc = subprocess.Popen(
-            prefix + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            cwd=ROOT, env=env,
-        )
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def expect(self, deadline: float, key: str | None = None, pattern: re.Pattern | None = None):
-        """The next JSON line with ``key`` (or the match of ``pattern``); raise TimeoutError."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{self.name}: nothing with {key or pattern.pattern!r} in time")
-            try:
-                line = self.lines.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                raise TimeoutError(f"{self.name} exited (status {self.proc.wait()}) before {key or pattern.pattern!r}")
-            if pattern is not None:
-                match = pattern.search(line)
-                if match:
-                    return match
-                continue
-            try:
-                fields = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(fields, dict) and key in fields:
-                return fields
-
-    def tell(self, word: str) -> None:
-        try:
-            self.proc.stdin.write(word + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            pass
-
-    def stop(self, grace: float = 5.0) -> None:
-        """Wait ``grace`` seconds for a normal exit, then SIGTERM, then SIGKILL, by PID."""
-        proc = self.proc
-        for sig, wait in ((None, grace), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-            if proc.poll() is not None:
-                break
-            if sig is not None:
-                try:
-                    os.kill(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
-
 
 def _role_argv(role: str, endpoint: str, opts, keys: tuple[str, str] | None = None) -> list[str]:
     """A client child's arguments; ``keys``: (its secret key file, the server's public key file)."""
@@ -200,33 +124,6 @@ class CurveKeys:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def cpu_seconds(pid: int, main_thread: bool = False) -> float | None:
-    """CPU time a process has used so far; None off Linux. All its threads (user + system,
-    from /proc/PID/stat: it counts threads that have ended, and a process that has just exited),
-    or with ``main_thread`` only the one Python runs in, not libzmq's I/O threads (from its
-    schedstat, in nanoseconds: /proc's CPU ticks are too coarse to tell a few microseconds per
-    message apart)."""
-    try:
-        if main_thread:
-            with open(f"/proc/{pid}/task/{pid}/schedstat") as handle:
-                return int(handle.read().split()[0]) / 1e9
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def host_cpu_seconds() -> float | None:
-    """CPU seconds all CPUs have spent busy since boot (from /proc/stat); None off Linux."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(x) for x in handle.readline().split()[1:]]
-        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _others(host0, ours0: dict, wall0: float, roles: dict) -> float | None:
     """The share of all CPUs that none of the set-up's processes used since ``host0`` (other
     programs on the host, and this parent, which only waits), or None if unknown."""
@@ -256,7 +153,7 @@ def _run_pair(prefix: str, endpoint: str, opts, deadline: float, children: list,
     tag = "-curve" if keys else ""  # (the children's names: profile files)
     for side in ("receiver", "sender"):
         children.append(Child(f"{prefix}{tag}-{side}", _role_argv(
-            f"{prefix}-{side}", endpoint, opts, keys and keys.client(side)), opts.profile, env))
+            f"{prefix}-{side}", endpoint, opts, keys and keys.client(side)), env, opts.profile))
     receiver, sender = children[-2:]
     receiver.expect(deadline, "ready")
     sender.expect(deadline, "ready")
@@ -311,7 +208,7 @@ def _run_forwarded(prefix: str, opts, deadline: float, env: dict, keys: CurveKey
     try:
         secret = ("--secret-key", keys.server_secret) if keys else ()
         forwarder = Child("forwarder-curve" if keys else "forwarder",
-                          [HERE, "--role", "forwarder", "--timeout", str(opts.timeout), *secret], opts.profile, env)
+                          [HERE, "--role", "forwarder", "--timeout", str(opts.timeout), *secret], env, opts.profile)
         children.append(forwarder)
         endpoint = forwarder.expect(deadline, "endpoint")["endpoint"]
         return _run_pair(prefix, endpoint, opts, deadline, children, env, keys)
@@ -337,7 +234,7 @@ def run_bus(opts, deadline: float, env: dict, busy_poll: int | None = None, keys
             "-m", "consumers.cli", "broker", "--bind", f"tcp://{HOST}:*",
             "--pub-bind", f"tcp://{HOST}:*", "--log-level", "WARNING",
             *(() if busy_poll is None else ("--busy-poll", str(busy_poll))), *curve,
-        ], opts.profile, env)
+        ], env, opts.profile)
         children.append(broker)
         endpoint = broker.expect(deadline, pattern=BROKER_LINE).group(1)
         return _run_pair("bus", endpoint, opts, deadline, children, env, keys)

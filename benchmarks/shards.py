@@ -60,10 +60,8 @@ import argparse
 import functools
 import json
 import os
-import queue
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -75,6 +73,7 @@ for _path in (ROOT, BENCHMARKS):  # (as a script and through ``channelbus bench`
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from corebench.children import Child, host_cpu_seconds  # noqa: E402
 from corebench.common import HOST, PAYLOAD_SIZE, emit, make_message, percentiles  # noqa: E402
 
 PREFIX = "shards"
@@ -374,101 +373,6 @@ def run_role(opts) -> None:
 
 
 # -- the parent ------------------------------------------------------------------------------
-
-class Child:
-    """A subprocess that prints lines on stdout (JSON, or the broker's banner); stopped by PID."""
-
-    def __init__(self, name: str, argv: list[str], env: dict):
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            bufsize=1, cwd=ROOT, env=env,
-        )
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def expect(self, deadline: float, key: str | None = None, pattern: re.Pattern | None = None):
-        """The next JSON line holding ``key`` (or the match of ``pattern``); TimeoutError if
-        none comes before ``deadline`` or the child exits first."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{self.name}: nothing with {key or pattern.pattern!r} in time")
-            try:
-                line = self.lines.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                self.lines.put(None)
-                raise TimeoutError(f"{self.name} exited (status {self.proc.wait()}) before {key or pattern.pattern!r}")
-            if pattern is not None:
-                match = pattern.search(line)
-                if match:
-                    return match
-                continue
-            try:
-                fields = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(fields, dict) and key in fields:
-                return fields
-
-    def tell(self, word: str) -> None:
-        try:
-            self.proc.stdin.write(word + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            pass
-
-    def cpu(self) -> float | None:
-        return cpu_seconds(self.proc.pid)
-
-    def stop(self, grace: float) -> None:
-        """Wait ``grace`` seconds for an exit of its own, then SIGTERM, then SIGKILL, by PID."""
-        proc = self.proc
-        for sig, wait in ((None, grace), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-            if proc.poll() is not None:
-                break
-            if sig is not None:
-                try:
-                    os.kill(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process, all its threads (from /proc/PID/stat); None off Linux."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def host_cpu_seconds() -> float | None:
-    """CPU seconds all CPUs have been busy since boot (from /proc/stat); None off Linux."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(x) for x in handle.readline().split()[1:]]
-        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
 
 BROKER_LINE = re.compile(r"channelbus broker listening on (\S+), publishing on (\S+)")
 
