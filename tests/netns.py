@@ -34,7 +34,6 @@ import ctypes.util
 import itertools
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -46,14 +45,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lines import STOP_SECONDS, Process
+
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.213.0"  # a /24 that exists only inside the namespaces made here
 NETNS_DIR = Path("/var/run/netns")
 BRIDGE = "cbbr"
 CLONE_NEWNET = 0x40000000
 IP_SECONDS = 15.0  # no `ip` command should take longer
-STOP_SECONDS = 5.0
-LINE_SECONDS = 15.0
 
 _serial = itertools.count(1)
 
@@ -302,94 +301,6 @@ def _enter(namespace: str) -> None:
             raise OSError(errno, f"setns into {namespace}: {os.strerror(errno)}")
     finally:
         os.close(fd)
-
-
-class Process:
-    """A subprocess whose stdout and stderr lines are collected as they come (reader threads),
-    so callers wait for a line with a timeout instead of sleeping."""
-
-    def __init__(self, args: list[str], *, env: dict | None = None, name: str = "") -> None:
-        self.name = name or " ".join(args[:6])
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.popen = subprocess.Popen(args, cwd=ROOT, env=full_env, text=True, bufsize=1,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.pid = self.popen.pid  # (ip netns exec execs the program: this is its PID)
-        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self._queues = {"stdout": queue.Queue(), "stderr": queue.Queue()}
-        self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True) for s in ("stdout", "stderr")]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: str) -> None:
-        try:
-            for line in getattr(self.popen, stream):
-                line = line.rstrip("\n")
-                self.lines[stream].append(line)
-                self._queues[stream].put(line)
-        except (OSError, ValueError):  # (closed by stop() while a child still held it open)
-            pass
-        self._queues[stream].put(None)
-
-    def expect(self, pattern: str, stream: str = "stdout", timeout: float = LINE_SECONDS) -> re.Match:
-        """The first next line of ``stream`` matching ``pattern``; AssertionError after ``timeout``
-        or at the stream's end."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queues[stream].get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = False
-            if line is None:
-                self._queues[stream].put(None)  # (the end stays visible to later calls)
-            if line is None or line is False:
-                why = "it ended" if line is None else f"within {timeout:g} s"
-                raise AssertionError(f"{self.name}: no {stream} line matching {pattern!r} ({why});\n{self.output()}")
-            if match := regex.search(line):
-                return match
-
-    def write(self, line: str) -> None:
-        self.popen.stdin.write(line + "\n")
-        self.popen.stdin.flush()
-
-    def close_stdin(self) -> None:
-        self.popen.stdin.close()
-
-    def signal(self, signum: int) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.pid, signum)
-
-    def wait(self, timeout: float = LINE_SECONDS) -> int:
-        """The exit status, once both streams are read to their end; AssertionError after ``timeout``."""
-        try:
-            status = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} did not exit within {timeout:g} s;\n{self.output()}") from None
-        for reader in self._readers:
-            reader.join(timeout)
-        return status
-
-    def stop(self, grace: float = STOP_SECONDS) -> int:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; the exit status. Closes the pipes."""
-        if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(STOP_SECONDS)
-        for reader in self._readers:
-            reader.join(1.0)
-        for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
-            try:
-                pipe.close()
-            except (OSError, ValueError):
-                pass
-        return self.popen.returncode
-
-    def output(self) -> str:
-        return "\n".join([f"--- {self.name} stdout", *self.lines["stdout"][-200:],
-                          f"--- {self.name} stderr", *self.lines["stderr"][-200:]])
 
 
 # -- channelbus brokers in a host ------------------------------------------------------------------
