@@ -71,8 +71,9 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 from corebench import bus, reference  # noqa: E402
-from corebench.children import Child, cpu_seconds, host_cpu_seconds  # noqa: E402
+from corebench.children import Child, cpu_seconds  # noqa: E402
 from corebench.common import HOST, PAYLOAD_SIZE  # noqa: E402
+from layerbench.services import host_cpu_seconds  # noqa: E402
 
 ROLES = {
     "forwarder": reference.role_forwarder, "ref-receiver": reference.role_ref_receiver,

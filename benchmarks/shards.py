@@ -73,8 +73,9 @@ for _path in (ROOT, BENCHMARKS):  # (as a script and through ``channelbus bench`
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from corebench.children import Child, host_cpu_seconds  # noqa: E402
+from corebench.children import Child  # noqa: E402
 from corebench.common import HOST, PAYLOAD_SIZE, emit, make_message, percentiles  # noqa: E402
+from layerbench.services import host_cpu_seconds, wait_quiet  # noqa: E402
 
 PREFIX = "shards"
 PING, PONG = f"{PREFIX}.ping", f"{PREFIX}.pong"
@@ -375,40 +376,6 @@ def run_role(opts) -> None:
 # -- the parent ------------------------------------------------------------------------------
 
 BROKER_LINE = re.compile(r"channelbus broker listening on (\S+), publishing on (\S+)")
-
-
-QUIET_BUSY = 0.10  # the host counts as quiet below this busy share of its CPUs
-
-
-def host_busy(interval: float = 0.5) -> float | None:
-    """The busy share of all CPUs over ``interval`` seconds (from /proc/stat); None off Linux."""
-    def sample():
-        with open("/proc/stat") as handle:
-            fields = [int(x) for x in handle.readline().split()[1:]]
-        return sum(fields[:8]), fields[3] + fields[4]
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_quiet(limit: float, deadline: float) -> float | None:
-    """Wait (at most ``limit`` seconds, and not past ``deadline``) until the CPUs are idle;
-    the busy share seen last."""
-    busy = host_busy()
-    end = min(deadline, time.monotonic() + limit)
-    told = False
-    while busy is not None and busy > QUIET_BUSY and time.monotonic() < end:
-        if not told:
-            print(f"  host {busy:.0%} busy: waiting up to {limit:g} s for quiet", file=sys.stderr, flush=True)
-            told = True
-        time.sleep(0.5)
-        busy = host_busy()
-    return busy
 
 
 def broker_stats(url: str) -> dict:
@@ -790,7 +757,7 @@ def main(argv=None) -> int:
             for count in opts.brokers:  # (interleaved: a noisy minute hits every count alike)
                 for attempt in range(1 + opts.redo_noisy):
                     if opts.wait_quiet > 0:
-                        wait_quiet(opts.wait_quiet, deadline)
+                        wait_quiet(opts.wait_quiet, deadline, lambda line: print(line, file=sys.stderr, flush=True))
                     run = run_once(count, opts, env, deadline)
                     print(f"run {rep + 1}/{opts.repeat}, {count} broker{'s' if count > 1 else ''}:"
                           f" {_fmt(run['msgs_per_s'], ',.0f')} msgs/s, {run['messages']:,} of {opts.messages:,} received,"

@@ -1,5 +1,6 @@
 """The parent side shared by the benchmarks that run processes (core.py, shards.py): a child
-process that speaks JSON lines, stopped by PID, and the CPU times read from /proc."""
+process that speaks JSON lines, stopped by PID, and its CPU time read from /proc (the host's
+is layerbench.services.host_cpu_seconds)."""
 
 from __future__ import annotations
 
@@ -108,15 +109,5 @@ def cpu_seconds(pid: int, main_thread: bool = False) -> float | None:
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def host_cpu_seconds() -> float | None:
-    """CPU seconds all CPUs have been busy since boot (from /proc/stat); None off Linux."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(x) for x in handle.readline().split()[1:]]
-        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
